@@ -1,0 +1,253 @@
+//! The boot contract between the `apfvm` VMM and the project's guest kernel (`guest/`).
+//!
+//! Nothing here is part of the APF protocol (that is `apf-abi`); this is how our VMM starts
+//! our guest, tells it what to run, hears from it, and reads its results.
+//!
+//! # Entry
+//! Every vCPU enters the kernel's ELF entry point in 64-bit long mode at CPL 0 with
+//! `RFLAGS.IF = 0`, `RDI` = [`BOOT_INFO_GPA`], `RSI` = the vCPU index (0-based, equal to its
+//! LAPIC id) and `RSP` = [`boot_stack_top`] of that index. The VMM's GDT has a flat 64-bit code
+//! segment at selector 0x08 and a flat data segment at 0x10; the guest loads its own GDT (with
+//! user segments and a TSS) and IDT. Paging: guest-physical `[0, 4 GiB)` and all RAM above it
+//! are identity-mapped with 2 MiB pages, present, writable and user-accessible (CPL 3 tasks
+//! run in the same address space); the LAPIC page at 0xfee0_0000 is mapped uncached. No SSE
+//! state is set up: the kernel is built for `x86_64-unknown-none` (soft-float).
+//!
+//! # Layout (guest-physical)
+//! ```text
+//! 0x0000_0000  unmapped-by-convention null page
+//! 0x0000_1000  BootInfo (one page, written by the VMM, read-only for the guest)
+//! 0x0000_2000  Counters (two pages, written by the guest, read by the VMM at exit)
+//! 0x0000_8000  VMM's GDT and page tables (the guest must not touch them)
+//! 0x0010_0000  boot stacks, BOOT_STACK_SIZE per vCPU
+//! 0x0020_0000  kernel image (ELF PT_LOAD segments at their physical addresses), < 0x0100_0000
+//! 0x0100_0000  workload memory (scan regions), up to the end of RAM
+//! ```
+#![no_std]
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Where the VMM writes [`BootInfo`].
+pub const BOOT_INFO_GPA: u64 = 0x1000;
+/// Where the guest publishes [`Counters`].
+pub const COUNTERS_GPA: u64 = 0x2000;
+/// Start of the region the VMM uses for its own GDT and page tables.
+pub const VMM_RESERVED_GPA: u64 = 0x8000;
+/// Boot stacks: vCPU `i` gets `[BOOT_STACKS_GPA + i*SIZE, BOOT_STACKS_GPA + (i+1)*SIZE)`.
+pub const BOOT_STACKS_GPA: u64 = 0x10_0000;
+/// Size of one boot stack.
+pub const BOOT_STACK_SIZE: u64 = 0x1_0000;
+/// Lowest address a kernel segment may be loaded at.
+pub const KERNEL_MIN_GPA: u64 = 0x20_0000;
+/// End (exclusive) of the kernel image region.
+pub const KERNEL_END_GPA: u64 = 0x100_0000;
+/// First byte of memory given to workloads.
+pub const WORKLOAD_GPA: u64 = 0x100_0000;
+/// The xAPIC's MMIO page.
+pub const LAPIC_GPA: u64 = 0xfee0_0000;
+
+/// Most vCPUs the contract has room for.
+pub const MAX_CPUS: usize = 8;
+/// Most tasks a workload may ask for.
+pub const MAX_TASKS: usize = 48;
+
+/// Top of the boot stack of vCPU `cpu`.
+pub const fn boot_stack_top(cpu: u32) -> u64 {
+    BOOT_STACKS_GPA + (cpu as u64 + 1) * BOOT_STACK_SIZE
+}
+
+/// I/O ports the guest writes to reach the VMM. Each `out` is a VM exit.
+pub mod port {
+    /// `out dx, al`: one byte of console output.
+    pub const CONSOLE: u16 = 0xe9;
+    /// `out dx, eax`: the guest is done; the value is its exit status (0 = success).
+    pub const EXIT: u16 = 0xf4;
+    /// `out dx, eax`: "snapshot me now" (the value is a guest-chosen tag). The VMM may take a
+    /// snapshot before resuming the guest after this instruction.
+    pub const SNAPSHOT: u16 = 0xf5;
+}
+
+/// Magic value of [`BootInfo::magic`]: "APFBOOT1".
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"APFBOOT1");
+/// Magic value of [`Counters::magic`]: "APFCNTR1".
+pub const COUNTERS_MAGIC: u64 = u64::from_le_bytes(*b"APFCNTR1");
+/// Version of both structures; bumped on any layout change.
+pub const ABI_VERSION: u32 = 1;
+
+/// What a task does. Stored as a `u32` in [`TaskSpec::kind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum TaskKind {
+    /// Counts iterations of a fixed arithmetic loop; `arg0` = duration in ms of TSC time
+    /// (0 = run until every other task has finished).
+    Compute = 1,
+    /// Walks `[arg0, arg0 + arg1)` page by page, checksumming it; `arg2` = passes (>= 1).
+    /// In the first pass of a "fill" scan (`flags & SCAN_FILL`) it writes a pattern first.
+    Scan = 2,
+    /// Writes every class of invalid and valid APF MSR value and checks the answers.
+    MsrSelftest = 3,
+}
+
+impl TaskKind {
+    /// Decodes [`TaskSpec::kind`].
+    pub const fn from_raw(raw: u32) -> Option<TaskKind> {
+        match raw {
+            1 => Some(TaskKind::Compute),
+            2 => Some(TaskKind::Scan),
+            3 => Some(TaskKind::MsrSelftest),
+            _ => None,
+        }
+    }
+}
+
+/// [`TaskSpec::flags`] for a scan: write a deterministic pattern before checksumming.
+pub const SCAN_FILL: u32 = 1 << 0;
+
+/// One task of the workload.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct TaskSpec {
+    /// A [`TaskKind`] as `u32`.
+    pub kind: u32,
+    /// The vCPU whose scheduler runs the task.
+    pub cpu: u32,
+    /// Kind-specific flags.
+    pub flags: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Kind-specific arguments (see [`TaskKind`]).
+    pub arg0: u64,
+    /// Kind-specific arguments.
+    pub arg1: u64,
+    /// Kind-specific arguments.
+    pub arg2: u64,
+}
+
+/// Everything the guest needs to know at boot, at [`BOOT_INFO_GPA`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs started (each enters the kernel).
+    pub cpu_count: u32,
+    /// Bytes of guest RAM starting at 0.
+    pub ram_size: u64,
+    /// TSC frequency in kHz (from KVM), for turning durations into TSC ticks.
+    pub tsc_khz: u64,
+    /// Scheduler quantum in microseconds (the LAPIC timer period); 0 = no timer preemption.
+    pub quantum_us: u32,
+    /// Number of valid entries in `tasks`.
+    pub task_count: u32,
+    /// Workload tasks.
+    pub tasks: [TaskSpec; MAX_TASKS],
+}
+
+/// Life of a task as the guest reports it in [`TaskCounters::state`].
+pub mod task_state {
+    /// Not started yet.
+    pub const NEW: u32 = 0;
+    /// Runnable or running.
+    pub const RUNNING: u32 = 1;
+    /// Finished; `exit_code` is valid.
+    pub const DONE: u32 = 2;
+}
+
+/// What one task did, written by the guest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct TaskCounters {
+    /// Copy of [`TaskSpec::kind`].
+    pub kind: u32,
+    /// A [`task_state`] value.
+    pub state: u32,
+    /// Exit code passed to the exit system call (0 = success).
+    pub exit_code: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Units of work done: loop iterations (compute) or pages checksummed (scan).
+    pub work: u64,
+    /// Checksum of the scanned memory (scan), 0 otherwise.
+    pub checksum: u64,
+    /// Times the task slept on an APF token.
+    pub apf_sleeps: u64,
+    /// Times the task was scheduled while some other task was asleep on a not-present token:
+    /// the point of the protocol.
+    pub ran_while_token_outstanding: u64,
+    /// TSC when the task finished.
+    pub done_tsc: u64,
+    /// TSC when the task first ran.
+    pub start_tsc: u64,
+}
+
+/// What one vCPU's kernel did, written by the guest.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct CpuCounters {
+    /// Protocol the guest enabled: 0 none, 1 v1, 2 v2.
+    pub apf_version: u32,
+    /// The APF interrupt vector (v2), 0 otherwise.
+    pub apf_vector: u32,
+    /// Page-not-present APFs received.
+    pub not_present: u64,
+    /// Page-ready notifications received (excluding wake-all).
+    pub page_ready: u64,
+    /// Wake-all broadcasts received.
+    pub wake_all: u64,
+    /// Ready notifications that found no sleeper (wake-before-wait dummies created).
+    pub early_ready: u64,
+    /// Times the vCPU idled in `sti; hlt`.
+    pub idle_halts: u64,
+    /// Timer interrupts taken.
+    pub timer_ticks: u64,
+    /// Context switches.
+    pub switches: u64,
+}
+
+/// The page(s) at [`COUNTERS_GPA`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Counters {
+    /// [`COUNTERS_MAGIC`] once the guest has initialised the page.
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub version: u32,
+    /// Number of valid entries in `tasks`.
+    pub task_count: u32,
+    /// Per-vCPU counters.
+    pub cpus: [CpuCounters; MAX_CPUS],
+    /// Per-task counters, in the order of [`BootInfo::tasks`].
+    pub tasks: [TaskCounters; MAX_TASKS],
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+const _: () = assert!(core::mem::size_of::<Counters>() <= 2 * 4096);
+const _: () = assert!(COUNTERS_GPA + 2 * 4096 <= VMM_RESERVED_GPA);
+const _: () = assert!(BOOT_STACKS_GPA + MAX_CPUS as u64 * BOOT_STACK_SIZE <= KERNEL_MIN_GPA);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_kind_round_trips() {
+        for k in [TaskKind::Compute, TaskKind::Scan, TaskKind::MsrSelftest] {
+            assert_eq!(TaskKind::from_raw(k as u32), Some(k));
+        }
+        assert_eq!(TaskKind::from_raw(0), None);
+    }
+
+    #[test]
+    fn boot_stacks_do_not_overlap_the_kernel() {
+        assert_eq!(boot_stack_top(0), 0x11_0000);
+        assert!(boot_stack_top(7) <= KERNEL_MIN_GPA);
+    }
+}
