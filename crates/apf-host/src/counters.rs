@@ -1,0 +1,159 @@
+//! A counter for every decision the engine makes.
+
+use apf_abi::MsrError;
+
+use crate::action::{FallbackReason, HoldReason};
+
+/// Faults handled synchronously, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FallbackCounts([u64; FallbackReason::ALL.len()]);
+
+impl FallbackCounts {
+    /// Faults that fell back for `reason`.
+    pub const fn get(&self, reason: FallbackReason) -> u64 {
+        self.0[reason.index()]
+    }
+    /// All fallbacks.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+    /// `(reason, count)` for every reason.
+    pub fn iter(&self) -> impl Iterator<Item = (FallbackReason, u64)> + '_ {
+        FallbackReason::ALL.iter().map(|&r| (r, self.get(r)))
+    }
+    pub(crate) fn record(&mut self, reason: FallbackReason) {
+        let c = &mut self.0[reason.index()];
+        *c = c.saturating_add(1);
+    }
+}
+
+/// Delivery windows at which something waited but was held, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HoldCounts([u64; HoldReason::ALL.len()]);
+
+impl HoldCounts {
+    /// Windows held for `reason`.
+    pub const fn get(&self, reason: HoldReason) -> u64 {
+        self.0[reason.index()]
+    }
+    /// `(reason, count)` for every reason.
+    pub fn iter(&self) -> impl Iterator<Item = (HoldReason, u64)> + '_ {
+        HoldReason::ALL.iter().map(|&r| (r, self.get(r)))
+    }
+    pub(crate) fn record(&mut self, reason: HoldReason) {
+        let c = &mut self.0[reason.index()];
+        *c = c.saturating_add(1);
+    }
+}
+
+/// Outstanding tokens dropped without a "page ready", by cause.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropCounts {
+    /// "If APF is disabled while APFs are outstanding, they are not delivered" (§2).
+    pub disable: u64,
+    /// An enable write while already enabled: the wake-all it queues covers them ("no
+    /// individual type 2 APFs will be sent for those", §2).
+    pub wake_all: u64,
+    /// "vCPU reset → both MSRs 0, queue cleared" (§4).
+    pub reset: u64,
+    /// "in-flight faults are not migrated" (§4).
+    pub restore: u64,
+}
+
+impl DropCounts {
+    /// All dropped tokens.
+    pub const fn total(&self) -> u64 {
+        self.disable
+            .saturating_add(self.wake_all)
+            .saturating_add(self.reset)
+            .saturating_add(self.restore)
+    }
+}
+
+/// MSR accesses answered with #GP, by class of [`MsrError`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GpCounts {
+    /// [`MsrError::NotAdvertised`].
+    pub not_advertised: u64,
+    /// [`MsrError::ReservedBits`].
+    pub reserved_bits: u64,
+    /// [`MsrError::PfVmexitNotAdvertised`].
+    pub pf_vmexit_not_advertised: u64,
+    /// [`MsrError::ExceptionVector`].
+    pub exception_vector: u64,
+    /// [`MsrError::AreaNotInRam`].
+    pub area_not_in_ram: u64,
+}
+
+impl GpCounts {
+    /// All #GPs.
+    pub const fn total(&self) -> u64 {
+        self.not_advertised
+            .saturating_add(self.reserved_bits)
+            .saturating_add(self.pf_vmexit_not_advertised)
+            .saturating_add(self.exception_vector)
+            .saturating_add(self.area_not_in_ram)
+    }
+
+    pub(crate) fn record(&mut self, e: &MsrError) {
+        let c = match e {
+            MsrError::NotAdvertised { .. } => &mut self.not_advertised,
+            MsrError::ReservedBits { .. } => &mut self.reserved_bits,
+            MsrError::PfVmexitNotAdvertised => &mut self.pf_vmexit_not_advertised,
+            MsrError::ExceptionVector { .. } => &mut self.exception_vector,
+            MsrError::AreaNotInRam { .. } => &mut self.area_not_in_ram,
+        };
+        *c = c.saturating_add(1);
+    }
+}
+
+/// Every decision the engine has made since it was created. Counters saturate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Faults reported with [`Engine::fault`](crate::Engine::fault).
+    pub faults: u64,
+    /// "Page not present" injected.
+    pub injected: u64,
+    /// Faults handled synchronously, by reason.
+    pub fallback: FallbackCounts,
+    /// Faults on a page that already had a token in flight, which got their own token.
+    pub second_fault_same_page: u64,
+    /// Pages reported arrived.
+    pub pages_arrived: u64,
+    /// Tokens made ready by an arrival.
+    pub tokens_ready: u64,
+    /// Individual "page ready" delivered.
+    pub page_ready_delivered: u64,
+    /// Of those, v1 ready delivered on another vCPU than the one that faulted.
+    pub page_ready_cross_vcpu: u64,
+    /// Wake-alls (token 0xffffffff) queued by an enable.
+    pub wake_all_queued: u64,
+    /// Wake-alls delivered.
+    pub wake_all_delivered: u64,
+    /// Delivery windows held, by reason.
+    pub held: HoldCounts,
+    /// Outstanding tokens dropped without a "page ready", by cause.
+    pub dropped: DropCounts,
+    /// Queued wake-alls dropped by a disable, reset or restore.
+    pub wake_all_dropped: u64,
+    /// MSR accesses answered with #GP, by class.
+    pub gp: GpCounts,
+    /// Valid writes to `MSR_KVM_ASYNC_PF_EN`.
+    pub en_writes: u64,
+    /// Valid writes to `MSR_KVM_ASYNC_PF_INT`.
+    pub int_writes: u64,
+    /// Writes of 1 to `MSR_KVM_ASYNC_PF_ACK`.
+    pub acks: u64,
+    /// vCPU resets.
+    pub resets: u64,
+    /// Restores.
+    pub restores: u64,
+}
+
+pub(crate) fn bump(c: &mut u64) {
+    *c = c.saturating_add(1);
+}
+
+pub(crate) fn add(c: &mut u64, n: usize) {
+    *c = c.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+}
