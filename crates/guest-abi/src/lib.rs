@@ -228,6 +228,62 @@ pub struct Counters {
     pub tasks: [TaskCounters; MAX_TASKS],
 }
 
+/// Exit statuses the guest kernel writes to [`port::EXIT`].
+pub mod exit_status {
+    /// Every task exited with code 0.
+    pub const OK: u32 = 0;
+    /// All tasks finished, but at least one exited with a non-zero code.
+    pub const TASK_FAILED: u32 = 1;
+    /// [`super::BootInfo`] has a bad magic or version, or describes an invalid workload.
+    pub const BAD_BOOT_INFO: u32 = 2;
+    /// An unexpected CPU exception in the kernel or a task (vector, RIP, error code printed).
+    pub const FATAL_EXCEPTION: u32 = 3;
+    /// A #PF that was not an asynchronous page fault (reason 0): a genuine page fault.
+    pub const PAGE_FAULT: u32 = 4;
+    /// The kernel panicked (message printed).
+    pub const KERNEL_PANIC: u32 = 5;
+}
+
+/// Deterministic scan pattern: the 64-bit word a "fill" scan writes at guest-physical `gpa`
+/// (8-byte aligned). A splitmix64 finaliser of the address, so every word differs and a page
+/// that arrives at the wrong address, stale or zeroed is detected by the checksum.
+pub const fn fill_word(gpa: u64) -> u64 {
+    let mut z = gpa.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Initial accumulator of a scan checksum (each pass starts from it).
+pub const CHECKSUM_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Folds one 64-bit word into a scan checksum. Order-dependent; words are folded in
+/// ascending address order, page by page, over `[arg0, arg0 + arg1)`.
+pub const fn checksum_mix(acc: u64, word: u64) -> u64 {
+    (acc.rotate_left(5) ^ word).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// Checksum of one pass over `words` (ascending addresses), starting from `acc`.
+pub fn checksum_words(mut acc: u64, words: &[u64]) -> u64 {
+    for &w in words {
+        acc = checksum_mix(acc, w);
+    }
+    acc
+}
+
+/// The checksum a scan of `[start, start + len)` reports when that memory holds the
+/// [`fill_word`] pattern (what a `SCAN_FILL` scan must find); `start` and `len` are multiples
+/// of 8. The VMM can compare a reported checksum with this without reading guest memory.
+pub const fn expected_fill_checksum(start: u64, len: u64) -> u64 {
+    let mut acc = CHECKSUM_SEED;
+    let mut a = start;
+    while a < start + len {
+        acc = checksum_mix(acc, fill_word(a));
+        a += 8;
+    }
+    acc
+}
+
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 const _: () = assert!(core::mem::size_of::<Counters>() <= 2 * 4096);
 const _: () = assert!(COUNTERS_GPA + 2 * 4096 <= VMM_RESERVED_GPA);
@@ -249,5 +305,32 @@ mod tests {
     fn boot_stacks_do_not_overlap_the_kernel() {
         assert_eq!(boot_stack_top(0), 0x11_0000);
         assert!(boot_stack_top(7) <= KERNEL_MIN_GPA);
+    }
+
+    #[test]
+    fn fill_word_is_deterministic_and_address_dependent() {
+        assert_eq!(fill_word(0x100_0000), fill_word(0x100_0000));
+        assert_ne!(fill_word(0x100_0000), fill_word(0x100_0008));
+        assert_ne!(fill_word(0), 0);
+        // Pinned so host and guest builds can never silently disagree.
+        assert_eq!(fill_word(0), 0xe220_a839_7b1d_cdaf);
+    }
+
+    #[test]
+    fn checksum_is_order_dependent_and_matches_expected_fill() {
+        let a = checksum_mix(checksum_mix(CHECKSUM_SEED, 1), 2);
+        let b = checksum_mix(checksum_mix(CHECKSUM_SEED, 2), 1);
+        assert_ne!(a, b);
+        let start = 0x100_0000u64;
+        let words: [u64; 1024] = core::array::from_fn(|i| fill_word(start + 8 * i as u64));
+        assert_eq!(
+            checksum_words(CHECKSUM_SEED, &words),
+            expected_fill_checksum(start, 8 * 1024)
+        );
+        assert_ne!(
+            checksum_words(CHECKSUM_SEED, &[0; 1024]),
+            expected_fill_checksum(start, 8 * 1024)
+        );
+        assert_eq!(expected_fill_checksum(start, 0), CHECKSUM_SEED);
     }
 }

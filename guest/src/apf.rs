@@ -1,0 +1,201 @@
+//! The guest side of the APF protocol: discovery, enable, the #PF handler's APF part and the
+//! v2 page-ready interrupt, on top of `apf-guest`'s sleeper table.
+
+use core::cell::UnsafeCell;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use apf_abi::cpuid::{FEATURES_LEAF, SIGNATURE_LEAF, signature_regs};
+use apf_abi::msr::{
+    EN_DELIVERY_AS_INT, EN_ENABLED, MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT,
+};
+use apf_abi::{HostMode, PvFeatures, Version};
+use apf_guest::reason::{self, PfKind, Ready};
+use apf_guest::{SleeperTable, WaitOutcome, WakeOutcome};
+use guest_abi::{MAX_TASKS, exit_status};
+
+use crate::console::{put_hex, puts};
+use crate::sched::{
+    ASLEEP, Cpu, IDLE, TASK_STATE, cpu_counters, fatal, make_runnable, state, task_counters,
+};
+use crate::trap::{Frame, VEC_APF};
+use crate::x86::{cpuid, cr2, lapic, wrmsr};
+
+/// Capacity of the sleeper table: each task holds at most one entry (its sleeper, or the dummy
+/// of its one pending token), so `MAX_TASKS` plus slack for stray dummies.
+const TABLE_CAPACITY: usize = 64;
+const _: () = assert!(TABLE_CAPACITY >= MAX_TASKS);
+
+/// A spinlock (`xchg`), for the sleeper table shared by all vCPUs.
+struct SpinLock<T> {
+    locked: AtomicBool,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: access to `data` is serialised by `locked`.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+impl<T> SpinLock<T> {
+    const fn new(v: T) -> Self {
+        SpinLock {
+            locked: AtomicBool::new(false),
+            data: UnsafeCell::new(v),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        while self.locked.swap(true, Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the lock is held, so this is the only reference.
+        let r = f(unsafe { &mut *self.data.get() });
+        self.locked.store(false, Ordering::Release);
+        r
+    }
+}
+
+/// Tasks asleep on tokens (task index as u8), shared by all vCPUs: a v1 page-ready may
+/// arrive on another vCPU than the fault.
+static TABLE: SpinLock<SleeperTable<u8, TABLE_CAPACITY>> = SpinLock::new(SleeperTable::new());
+
+/// The PV feature word, or `None` when there is no KVM signature.
+pub fn features() -> Option<PvFeatures> {
+    let (_, b, c, d) = cpuid(SIGNATURE_LEAF);
+    if [b, c, d] != signature_regs() {
+        return None;
+    }
+    Some(PvFeatures(cpuid(FEATURES_LEAF).0))
+}
+
+/// Enables the protocol the host offers on this vCPU (the LAPIC must be enabled first).
+pub fn enable(c: &mut Cpu) {
+    let area = addr_of!(c.area) as u64;
+    let cc = cpu_counters(c.id);
+    match features().and_then(PvFeatures::host_mode) {
+        None => c.version = 0,
+        Some(HostMode::Seed) => {
+            wrmsr(MSR_KVM_ASYNC_PF_EN, area | EN_ENABLED);
+            c.version = 1;
+        }
+        Some(HostMode::Modern { .. }) => {
+            // _INT before _EN, or interrupt 0 could be injected (§3).
+            wrmsr(MSR_KVM_ASYNC_PF_INT, u64::from(VEC_APF));
+            wrmsr(MSR_KVM_ASYNC_PF_EN, area | EN_ENABLED | EN_DELIVERY_AS_INT);
+            c.version = 2;
+            // SAFETY: this vCPU's counters.
+            unsafe { (*cc).apf_vector = u32::from(VEC_APF) };
+        }
+    }
+    // SAFETY: this vCPU's counters.
+    unsafe { (*cc).apf_version = c.version };
+}
+
+/// #PF (vector 14). Returns whether to reschedule.
+pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
+    // Read the reason first and reset it, before anything that could fault (§2).
+    let reason_ptr = addr_of_mut!(c.area.reason);
+    // SAFETY: this vCPU's area, written by the host between our reads.
+    let reason_word = unsafe { read_volatile(reason_ptr) };
+    if reason_word != 0 {
+        // SAFETY: as above.
+        unsafe { write_volatile(reason_ptr, 0) };
+    }
+    let addr = cr2();
+    if c.version == 0 {
+        fatal(c, fr, exit_status::PAGE_FAULT, addr);
+    }
+    let version = if c.version == 2 {
+        Version::V2
+    } else {
+        Version::V1
+    };
+    match reason::classify(version, reason_word, addr) {
+        PfKind::Normal => fatal(c, fr, exit_status::PAGE_FAULT, addr),
+        PfKind::NotPresent(token) => {
+            let cc = cpu_counters(c.id);
+            // SAFETY: this vCPU's counters.
+            unsafe { (*cc).not_present += 1 };
+            let cur = c.current;
+            if cur == IDLE || fr.cs & 3 != 3 {
+                puts("apf-guest: page-not-present at CPL 0 (host bug)\n");
+                fatal(c, fr, exit_status::FATAL_EXCEPTION, addr);
+            }
+            #[allow(clippy::cast_possible_truncation)] // task indices < MAX_TASKS <= 255
+            let outcome = TABLE.with(|t| {
+                let o = t.wait(token, cur as u8);
+                if o == WaitOutcome::Sleep {
+                    // Inside the lock, so a wake on another vCPU cannot come in between.
+                    TASK_STATE[cur as usize].store(state::ASLEEP, Ordering::Release);
+                    ASLEEP[c.id as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                o
+            });
+            if outcome == WaitOutcome::Sleep {
+                // SAFETY: the current task's counters.
+                unsafe { (*task_counters(cur)).apf_sleeps += 1 };
+                true
+            } else {
+                // Retry (its page-ready came first), or a table answer that must not sleep:
+                // return, and the task retries the access.
+                false
+            }
+        }
+        PfKind::Ready(r) => {
+            wake(c, r);
+            c.current == IDLE
+        }
+        PfKind::Invalid { reason, cr2 } => {
+            puts("apf-guest: invalid APF reason ");
+            put_hex(u64::from(reason));
+            puts(" cr2 ");
+            put_hex(cr2);
+            puts("\n");
+            false
+        }
+    }
+}
+
+/// The v2 page-ready interrupt. Returns whether to reschedule.
+pub fn page_ready_irq(c: &mut Cpu) -> bool {
+    let token_ptr = addr_of_mut!(c.area.token);
+    // SAFETY: this vCPU's area.
+    let slot = unsafe { read_volatile(token_ptr) };
+    // SAFETY: as above: free the slot, then ACK so the host delivers the next one (§3).
+    unsafe { write_volatile(token_ptr, reason::SLOT_FREE) };
+    if c.version == 2 {
+        wrmsr(MSR_KVM_ASYNC_PF_ACK, 1);
+    } // else a stale interrupt, raised before APF was disabled (MSR self-test): EOI only.
+    lapic::eoi();
+    if let Some(r) = reason::take_ready_token(slot) {
+        wake(c, r);
+    }
+    c.current == IDLE
+}
+
+fn wake(c: &Cpu, r: Ready) {
+    let cc = cpu_counters(c.id);
+    let me = c.id;
+    match r {
+        Ready::Page(token) => {
+            // SAFETY: this vCPU's counters.
+            unsafe { (*cc).page_ready += 1 };
+            match TABLE.with(|t| t.wake(token)) {
+                WakeOutcome::Woken(task) => make_runnable(u32::from(task), me),
+                WakeOutcome::DummyRecorded
+                | WakeOutcome::AlreadyRecorded
+                | WakeOutcome::DummyDropped
+                | WakeOutcome::Broadcast => {
+                    // SAFETY: as above.
+                    unsafe { (*cc).early_ready += 1 };
+                }
+            }
+        }
+        Ready::WakeAll => {
+            // SAFETY: as above.
+            unsafe { (*cc).wake_all += 1 };
+            TABLE.with(|t| {
+                let _ = t.wake_all(|task| make_runnable(u32::from(task), me));
+            });
+        }
+    }
+}
