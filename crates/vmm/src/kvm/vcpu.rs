@@ -1,0 +1,312 @@
+//! One vCPU: boot state, `KVM_RUN` turned into an owned [`Exit`], replies written back, and
+//! the state the APF engine asks about; #PF injection with the exception payload.
+
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_VCPUEVENT_VALID_PAYLOAD,
+    kvm_mp_state, kvm_regs, kvm_segment,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::config::ApfMode;
+use crate::cpuid;
+use crate::error::{Result, VmmError};
+use crate::exit::{Exit, Reply};
+use crate::layout::{self, CODE_SELECTOR, DATA_SELECTOR, GDT, GDT_GPA, PML4_GPA};
+
+/// The #PF vector.
+const PF_VECTOR: u8 = 14;
+
+/// What the engine needs to know about the vCPU at a delivery window or a fault (the area
+/// words are read from guest memory by the caller).
+#[allow(clippy::struct_excessive_bools)] // mirrors the hardware flags one to one
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// CS.DPL.
+    pub cpl: u8,
+    /// RFLAGS.IF.
+    pub interrupts_enabled: bool,
+    /// STI / MOV SS shadow.
+    pub interrupt_shadow: bool,
+    /// An exception, interrupt or NMI is pending or being injected.
+    pub event_pending: bool,
+    /// CR0.PG.
+    pub paging: bool,
+}
+
+/// A vCPU and its index (= LAPIC id).
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` and puts it in the boot state of guest-abi's "Entry".
+    pub fn create(
+        kvm: &Kvm,
+        vm: &VmFd,
+        index: u32,
+        vcpus: u32,
+        apf: ApfMode,
+        entry: u64,
+    ) -> Result<Vcpu> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+        let vcpu = Vcpu { index, fd };
+        vcpu.set_cpuid(kvm, apf, vcpus)?;
+        vcpu.set_boot_state(entry)?;
+        Ok(vcpu)
+    }
+
+    /// Index of this vCPU (also its APIC id).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> Result<u32> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(VmmError::kvm("KVM_GET_TSC_KHZ"))
+    }
+
+    fn set_cpuid(&self, kvm: &Kvm, apf: ApfMode, vcpus: u32) -> Result<()> {
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut entries = supported.as_slice().to_vec();
+        cpuid::patch(&mut entries, apf, self.index, vcpus);
+        let table = kvm_bindings::CpuId::from_entries(&entries)
+            .map_err(|e| VmmError::Config(format!("CPUID table: {e:?}")))?;
+        self.fd
+            .set_cpuid2(&table)
+            .map_err(VmmError::kvm("KVM_SET_CPUID2"))
+    }
+
+    fn set_boot_state(&self, entry: u64) -> Result<()> {
+        let mut s = self
+            .fd
+            .get_sregs()
+            .map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: CODE_SELECTOR,
+            type_: 11,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: DATA_SELECTOR,
+            type_: 3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        s.cs = code;
+        s.ds = data;
+        s.es = data;
+        s.fs = data;
+        s.gs = data;
+        s.ss = data;
+        s.gdt.base = GDT_GPA;
+        s.gdt.limit = u16::try_from(size_of_val(&GDT) - 1).unwrap_or(u16::MAX);
+        // No IDT until the guest loads one: an early exception is a triple fault (shutdown).
+        s.idt.base = 0;
+        s.idt.limit = 0;
+        s.cr3 = PML4_GPA;
+        s.cr4 = layout::cr::CR4;
+        s.cr0 = layout::cr::CR0;
+        s.efer = layout::cr::EFER;
+        self.fd
+            .set_sregs(&s)
+            .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rdi: guest_abi::BOOT_INFO_GPA,
+            rsi: u64::from(self.index),
+            rsp: guest_abi::boot_stack_top(self.index),
+            rflags: 2,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+        // With an in-kernel LAPIC only vCPU 0 starts runnable (the others wait for INIT/SIPI);
+        // our contract starts every vCPU at the entry point.
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(VmmError::kvm("KVM_SET_MP_STATE"))
+    }
+
+    /// Address of `kvm_run.immediate_exit`, for the kick handler.
+    pub fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        &raw mut self.fd.get_kvm_run().immediate_exit
+    }
+
+    /// Sets or clears `kvm_run.immediate_exit`.
+    pub fn set_immediate_exit(&mut self, on: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    /// Runs the vCPU until the next exit.
+    pub fn run(&mut self) -> Result<Exit> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Exit::Interrupted);
+            }
+            Err(e) => {
+                return Err(VmmError::Kvm {
+                    what: "KVM_RUN",
+                    err: e,
+                });
+            }
+        };
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => Exit::IoOut {
+                port,
+                data: data.to_vec(),
+            },
+            VcpuExit::IoIn(port, data) => Exit::IoIn {
+                port,
+                size: data.len(),
+            },
+            VcpuExit::MmioRead(addr, _) => Exit::Mmio { addr, write: false },
+            VcpuExit::MmioWrite(addr, _) => Exit::Mmio { addr, write: true },
+            VcpuExit::X86Rdmsr(m) => Exit::RdMsr { index: m.index },
+            VcpuExit::X86Wrmsr(m) => Exit::WrMsr {
+                index: m.index,
+                data: m.data,
+            },
+            VcpuExit::Hlt => Exit::Hlt,
+            VcpuExit::Shutdown => Exit::Shutdown,
+            VcpuExit::Intr => Exit::Interrupted,
+            VcpuExit::FailEntry(reason, _) => Exit::FailEntry { reason },
+            VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent { kind },
+            VcpuExit::InternalError => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // union member KVM filled in.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                Exit::InternalError {
+                    suberror: internal.suberror,
+                    data: internal.data[..n].to_vec(),
+                }
+            }
+            VcpuExit::Debug(_) => Exit::Other("KVM_EXIT_DEBUG"),
+            VcpuExit::Exception => Exit::Other("KVM_EXIT_EXCEPTION"),
+            VcpuExit::Unknown => Exit::Other("KVM_EXIT_UNKNOWN"),
+            VcpuExit::IrqWindowOpen => Exit::Other("KVM_EXIT_IRQ_WINDOW_OPEN"),
+            VcpuExit::MemoryFault { .. } => Exit::Other("KVM_EXIT_MEMORY_FAULT"),
+            _ => Exit::Other("an exit reason apfvm does not handle"),
+        })
+    }
+
+    /// Writes a reply into `kvm_run` for the exit that was just handled.
+    pub fn write_reply(&mut self, reply: Reply) {
+        let run = self.fd.get_kvm_run();
+        match reply {
+            Reply::None => {}
+            Reply::Msr { error, data } => {
+                if run.exit_reason == kvm_bindings::KVM_EXIT_X86_RDMSR
+                    || run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR
+                {
+                    // SAFETY: the exit reason says `msr` is the live union member.
+                    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+                    msr.error = u8::from(error);
+                    msr.data = data;
+                }
+            }
+            Reply::IoIn(value) => {
+                if run.exit_reason == kvm_bindings::KVM_EXIT_IO {
+                    // SAFETY: the exit reason says `io` is the live union member.
+                    let io = unsafe { run.__bindgen_anon_1.io };
+                    if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+                        let len = (io.size as usize * io.count as usize).min(4);
+                        let base: *mut kvm_bindings::kvm_run = run;
+                        // SAFETY: KVM places the `in` data buffer `data_offset` bytes into the
+                        // kvm_run mapping (which spans pages beyond the struct), and the
+                        // buffer holds size * count bytes; we write at most 4 of them.
+                        unsafe {
+                            let dst = base
+                                .cast::<u8>()
+                                .add(usize::try_from(io.data_offset).unwrap_or(0));
+                            std::ptr::copy_nonoverlapping(value.to_le_bytes().as_ptr(), dst, len);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Guest RIP, if it can be read.
+    pub fn rip(&self) -> Option<u64> {
+        self.fd.get_regs().ok().map(|r| r.rip)
+    }
+
+    /// The vCPU state relevant to APF delivery.
+    pub fn cpu_state(&self) -> Result<CpuState> {
+        let regs = self.fd.get_regs().map_err(VmmError::kvm("KVM_GET_REGS"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+        let ev = self
+            .fd
+            .get_vcpu_events()
+            .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
+        Ok(CpuState {
+            cpl: sregs.cs.dpl,
+            interrupts_enabled: regs.rflags & (1 << 9) != 0,
+            interrupt_shadow: ev.interrupt.shadow != 0,
+            event_pending: ev.exception.pending != 0
+                || ev.exception.injected != 0
+                || ev.interrupt.injected != 0
+                || ev.nmi.injected != 0
+                || ev.nmi.pending != 0,
+            paging: sregs.cr0 & (1 << 31) != 0,
+        })
+    }
+
+    /// Injects #PF with CR2 = `cr2` (exception payload) and `error_code`. A vCPU halted in the
+    /// kernel is made runnable so it takes the exception.
+    pub fn inject_pf(&self, cr2: u64, error_code: u32) -> Result<()> {
+        let mut ev = self
+            .fd
+            .get_vcpu_events()
+            .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
+        ev.flags = KVM_VCPUEVENT_VALID_PAYLOAD;
+        ev.exception.injected = 0;
+        ev.exception.pending = 1;
+        ev.exception.nr = PF_VECTOR;
+        ev.exception.has_error_code = 1;
+        ev.exception.error_code = error_code;
+        ev.exception_has_payload = 1;
+        ev.exception_payload = cr2;
+        self.fd
+            .set_vcpu_events(&ev)
+            .map_err(VmmError::kvm("KVM_SET_VCPU_EVENTS"))?;
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(VmmError::kvm("KVM_GET_MP_STATE"))?;
+        if mp.mp_state == KVM_MP_STATE_HALTED {
+            self.fd
+                .set_mp_state(kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(VmmError::kvm("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! Creating and configuring the VM: capabilities, MSR filter, in-kernel irqchip, memory.
+//!
+//! # `hlt` and the in-kernel irqchip (a documented choice)
+//! The VM uses KVM's in-kernel irqchip (LAPIC): page-ready interrupts are `KVM_SIGNAL_MSI`
+//! and the guest's LAPIC timer is KVM's. A guest `hlt` then sleeps in the kernel
+//! ([`HaltMode::InKernel`], the default for now). host-facts.md ("the trap") shows that with an
+//! in-kernel LAPIC and IF = 1, KVM resolves missing userfaultfd pages in a kworker, hiding
+//! which vCPU faulted; the lazy-restore work will need [`HaltMode::NoExit`]
+//! (`KVM_CAP_X86_DISABLE_EXITS(HLT)`, enabled here before any vCPU exists), which is one flag
+//! of [`VmConfig`](crate::config::VmConfig) away.
+
+use kvm_bindings::{
+    KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_X86_DISABLE_EXITS, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MSR_EXIT_REASON_FILTER, KVM_X86_DISABLE_EXITS_HLT, kvm_enable_cap,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use crate::config::HaltMode;
+use crate::error::{Result, VmmError};
+use crate::kvm::msr_filter;
+
+/// The KVM device.
+pub const KVM_PATH: &str = "/dev/kvm";
+
+/// Opens `/dev/kvm` with a clear error when it is missing or not accessible.
+pub fn open_kvm() -> Result<Kvm> {
+    // Open it ourselves first, for an error that names the path and the OS reason.
+    if let Err(err) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(KVM_PATH)
+    {
+        return Err(VmmError::NoKvm {
+            path: KVM_PATH.into(),
+            err,
+        });
+    }
+    Kvm::new().map_err(|e| VmmError::NoKvm {
+        path: KVM_PATH.into(),
+        err: e.into(),
+    })
+}
+
+fn enable_cap(vm: &VmFd, what: &'static str, cap: u32, arg0: u64) -> Result<()> {
+    let mut c = kvm_enable_cap {
+        cap,
+        ..Default::default()
+    };
+    c.args[0] = arg0;
+    vm.enable_cap(&c).map_err(VmmError::kvm(what))
+}
+
+/// Creates a VM ready for vCPUs: capabilities enabled, MSR filter installed, irqchip created.
+pub fn create(kvm: &Kvm, halt: HaltMode) -> Result<VmFd> {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
+        (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+        (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCap(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+    enable_cap(
+        &vm,
+        "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)",
+        KVM_CAP_X86_USER_SPACE_MSR,
+        u64::from(KVM_MSR_EXIT_REASON_FILTER),
+    )?;
+    msr_filter::install(&vm)?;
+    // #PF injection with CR2 carried as the exception payload.
+    enable_cap(
+        &vm,
+        "KVM_ENABLE_CAP(EXCEPTION_PAYLOAD)",
+        KVM_CAP_EXCEPTION_PAYLOAD,
+        1,
+    )?;
+    if halt == HaltMode::NoExit {
+        enable_cap(
+            &vm,
+            "KVM_ENABLE_CAP(X86_DISABLE_EXITS, HLT)",
+            KVM_CAP_X86_DISABLE_EXITS,
+            u64::from(KVM_X86_DISABLE_EXITS_HLT),
+        )?;
+    }
+    // Before any vCPU: the vCPUs get in-kernel LAPICs.
+    vm.create_irq_chip()
+        .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    Ok(vm)
+}
+
+/// Raises interrupt `vector` on the LAPIC with id `apic_id` (fixed delivery, physical
+/// destination): MSI address 0xfee00000 | apic_id << 12, data = vector.
+pub fn signal_msi(vm: &VmFd, apic_id: u32, vector: u8) -> Result<()> {
+    let msi = kvm_bindings::kvm_msi {
+        address_lo: 0xfee0_0000 | (apic_id << 12),
+        address_hi: 0,
+        data: u32::from(vector),
+        ..Default::default()
+    };
+    vm.signal_msi(msi)
+        .map_err(VmmError::kvm("KVM_SIGNAL_MSI"))?;
+    Ok(())
+}

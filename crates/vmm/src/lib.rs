@@ -1,0 +1,43 @@
+//! `apfvm`: a KVM virtual machine monitor that serves KVM's paravirtual asynchronous page
+//! fault (APF) protocol from userspace, to the project's own guest kernel.
+//!
+//! Module map:
+//! - [`config`], [`workload`]: what to run.
+//! - [`memory`] (the one module with host pointers to guest RAM), [`layout`] (page tables,
+//!   GDT, size rules), [`loader`] (the guest ELF), [`guest_image`] (the bundled guest).
+//! - [`kvm`]: VM creation (capabilities, [`kvm::msr_filter`], irqchip) and [`kvm::vcpu`].
+//! - [`cpuid`]: the CPUID table per `--apf`.
+//! - [`exit`]: exit handling as a free function over an owned [`exit::Exit`].
+//! - [`apf`]: the apf-host engine and the carrying out of its actions.
+//! - [`kick`]: kicking vCPUs out of `KVM_RUN` (now or after a delay).
+//! - [`vcpu_loop`], [`run`]: the vCPU threads and one whole run; [`console`]: port 0xe9;
+//!   [`report`]: the results (text and JSON).
+//! - [`cli`]: the `apfvm` command line (the binary is `src/main.rs`).
+
+pub mod apf;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod cpuid;
+pub mod error;
+pub mod exit;
+pub mod guest_image;
+pub mod kick;
+pub mod kvm;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod report;
+pub mod run;
+pub mod vcpu_loop;
+pub mod workload;
+
+pub use config::{ApfMode, HaltMode, VmConfig};
+pub use error::{Result, VmmError};
+pub use report::RunReport;
+pub use run::run;
+
+/// True when `/dev/kvm` exists (tests skip without it).
+pub fn kvm_available() -> bool {
+    std::path::Path::new(kvm::vm::KVM_PATH).exists()
+}

@@ -1,0 +1,142 @@
+//! Guest RAM: one anonymous mapping at guest-physical 0, registered with KVM.
+//!
+//! This is the one module that deals in host pointers to guest memory (the KVM memory slot
+//! needs the mapping's host address). Everything else reads and writes guest memory through
+//! [`GuestRam`]'s bounds-checked accessors, by [`GuestAddress`].
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::error::{Result, VmmError};
+
+/// Guest RAM: `[0, size)`.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes of zeroed anonymous memory. `size` is validated by the caller
+    /// ([`crate::layout::check_ram_size`]).
+    pub fn new(size: u64) -> Result<GuestRam> {
+        let len = usize::try_from(size)
+            .map_err(|_| VmmError::Memory(format!("{size} bytes does not fit")))?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+            .map_err(|e| VmmError::Memory(format!("cannot map {size} bytes: {e}")))?;
+        Ok(GuestRam { mem, size })
+    }
+
+    /// Bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The vm-memory view, for code that wants the `GuestMemory` trait.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// True when `[gpa, gpa + len)` lies wholly in RAM.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Registers every region as a KVM memory slot.
+    pub fn register(&self, vm: &VmFd) -> Result<()> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = self
+                .mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmmError::Memory(format!("host address of region {slot}: {e}")))?;
+            let desc = kvm_userspace_memory_region {
+                slot: u32::try_from(slot)
+                    .map_err(|_| VmmError::Memory("too many regions".into()))?,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by
+            // `self.mem`. The VM (and so the slot) never outlives it: `Machine` declares the
+            // VM fd before the RAM, so the VM is dropped (slots torn down) first.
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `gpa`; errors when any byte falls outside RAM.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
+        self.check(gpa, bytes.len())?;
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| VmmError::Memory(format!("write {:#x}+{}: {e}", gpa, bytes.len())))
+    }
+
+    /// Reads `buf.len()` bytes at `gpa`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| VmmError::Memory(format!("read {:#x}+{}: {e}", gpa, buf.len())))
+    }
+
+    /// Writes a little-endian u32.
+    pub fn write_u32(&self, gpa: u64, value: u32) -> Result<()> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Reads a little-endian u32.
+    pub fn read_u32(&self, gpa: u64) -> Result<u32> {
+        let mut b = [0; 4];
+        self.read(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64.
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<()> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Writes a plain-old-data structure.
+    pub fn write_obj<T: IntoBytes + Immutable>(&self, gpa: u64, value: &T) -> Result<()> {
+        self.write(gpa, value.as_bytes())
+    }
+
+    /// Reads a plain-old-data structure.
+    pub fn read_obj<T: FromBytes>(&self, gpa: u64) -> Result<T> {
+        let mut buf = vec![0u8; size_of::<T>()];
+        self.read(gpa, &mut buf)?;
+        T::read_from_bytes(&buf).map_err(|_| VmmError::Memory("size mismatch".into()))
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<()> {
+        if self.contains(gpa, len as u64) {
+            Ok(())
+        } else {
+            Err(VmmError::Memory(format!(
+                "access {gpa:#x}+{len} outside guest RAM [0, {:#x})",
+                self.size
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_are_bounds_checked() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.write_u32(0x1000, 0xdead_beef).unwrap();
+        assert_eq!(ram.read_u32(0x1000).unwrap(), 0xdead_beef);
+        assert!(ram.write_u32((2 << 20) - 2, 1).is_err());
+        assert!(ram.read_u32(u64::MAX - 1).is_err());
+        assert!(ram.contains(0, 2 << 20));
+        assert!(!ram.contains(1, 2 << 20));
+    }
+}

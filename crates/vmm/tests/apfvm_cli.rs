@@ -1,0 +1,109 @@
+//! The `apfvm` binary end to end. Prints exactly `SKIPPED: no /dev/kvm` where KVM is absent.
+
+use std::process::Command;
+
+fn apfvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_apfvm"))
+}
+
+#[test]
+fn help_explains_the_options() {
+    let out = apfvm().args(["run", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--vcpus",
+        "--mem",
+        "--apf",
+        "--workload",
+        "--guest",
+        "--json",
+        "--quantum-us",
+        "msr-selftest",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}:\n{help}");
+    }
+}
+
+#[test]
+fn run_prints_console_and_counters_writes_json_and_exits_with_the_guest_status() {
+    if !vmm::kvm_available() {
+        println!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("apfvm-cli-{}.json", std::process::id()));
+    let out = apfvm()
+        .args([
+            "run",
+            "--apf",
+            "v2",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--scan-size",
+            "4M",
+            "--timeout",
+            "30",
+        ])
+        .args(["--workload", "compute:2,scan:1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("guest exit status 0"), "{stdout}");
+    assert!(stdout.contains("engine:"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["exit_status"], 0);
+    assert_eq!(report["apf"], "v2");
+    assert_eq!(report["tasks"].as_array().unwrap().len(), 3);
+    assert_eq!(report["cpus"].as_array().unwrap().len(), 2);
+    assert!(report["engine"]["en_writes"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn errors_are_clear_and_exit_non_zero() {
+    if !vmm::kvm_available() {
+        println!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let bad = std::env::temp_dir().join(format!("apfvm-bad-{}.elf", std::process::id()));
+    std::fs::write(&bad, b"#!/bin/sh\n").unwrap();
+    let dies = std::env::temp_dir().join(format!("apfvm-ud2-{}.elf", std::process::id()));
+    // nop; ud2 with no IDT: triple fault.
+    std::fs::write(
+        &dies,
+        vmm::loader::build_tiny_elf(guest_abi::KERNEL_MIN_GPA, &[0x90, 0x0f, 0x0b]),
+    )
+    .unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--guest", bad.to_str().unwrap()], "not an ELF"),
+        (
+            &["--guest", dies.to_str().unwrap()],
+            "KVM_EXIT_SHUTDOWN (triple fault: an exception the guest could not handle) at RIP 0x200001",
+        ),
+        (
+            &["--guest", "/nonexistent/kernel"],
+            "cannot read guest image",
+        ),
+        (&["--mem", "17M"], "multiple of 2 MiB"),
+        (&["--workload", "dance:2"], "unknown task kind"),
+    ];
+    for (args, what) in cases {
+        let out = apfvm().arg("run").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(stderr.contains(what), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_file(&bad);
+    let _ = std::fs::remove_file(&dies);
+}
