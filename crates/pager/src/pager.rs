@@ -1,0 +1,276 @@
+//! The pager: its configuration, start and stop, and a handle for other threads. The fault
+//! loop itself is in `fault_loop.rs`, the fetch threads in `fetch.rs`.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use rustix::event::{EventfdFlags, eventfd};
+
+use crate::error::PagerError;
+use crate::fault_loop::FaultLoop;
+use crate::fetch::FetchPool;
+use crate::latency::{FetchLatency, LatencySampler};
+use crate::observer::PagerObserver;
+use crate::region::{GuestRegion, ResidentMap, validate};
+use crate::source::PageSource;
+use crate::stats::{PagerStats, Stats};
+use crate::uffd::{PAGE_SIZE_U64, Uffd, UffdError};
+
+/// How the pager fetches.
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    /// Delay added to every fetch (delays the page only).
+    pub latency: FetchLatency,
+    /// Seed of the latency sampler.
+    pub seed: u64,
+    /// Fetch threads, for several source fetches in flight. `Some(0)` fetches on the pager
+    /// thread itself; `None` (the default) does that for a source whose
+    /// [`PageSource::is_fast`] is true (memory, a local file: it saves two thread hand-offs
+    /// per fault, about half of the fault → copy time) and uses
+    /// [`PagerConfig::DEFAULT_FETCH_THREADS`] threads for any other source (remote). Added
+    /// latency never occupies a thread either way: delays overlap in the deadline queue.
+    pub fetch_threads: Option<usize>,
+    /// A failed fetch (I/O error, checksum mismatch) is retried this many times before it is
+    /// reported through `on_error`.
+    pub fetch_retries: u32,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        Self {
+            latency: FetchLatency::None,
+            seed: 0x5eed_0fa9,
+            fetch_threads: None,
+            fetch_retries: 1,
+        }
+    }
+}
+
+impl PagerConfig {
+    /// Fetch threads used for a source that is not [`PageSource::is_fast`].
+    pub const DEFAULT_FETCH_THREADS: usize = 4;
+
+    /// The number of fetch threads for `source` (0: fetch on the pager thread).
+    pub fn fetch_threads_for(&self, source: &dyn PageSource) -> usize {
+        self.fetch_threads.unwrap_or(if source.is_fast() {
+            0
+        } else {
+            Self::DEFAULT_FETCH_THREADS
+        })
+    }
+}
+
+/// State shared between the pager thread, its fetch threads and handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub regions: Vec<GuestRegion>,
+    pub resident: ResidentMap,
+    pub stats: Stats,
+    pub stop: AtomicBool,
+    pub wake: OwnedFd,
+    pub requests: Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    pub fn wake(&self) {
+        // A full counter (EAGAIN) is still a pending wake-up.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    pub fn region_of_gpa(&self, gpa: u64) -> Option<(usize, &GuestRegion)> {
+        let page = gpa / PAGE_SIZE_U64;
+        self.regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.contains_page(page))
+    }
+
+    fn is_resident(&self, gpa: u64) -> bool {
+        match self.region_of_gpa(gpa) {
+            Some((i, r)) => self.resident.get(i, r, gpa / PAGE_SIZE_U64),
+            None => true,
+        }
+    }
+}
+
+/// A cheap, cloneable handle to a running pager, for other threads (vCPUs).
+#[derive(Debug, Clone)]
+pub struct PagerHandle {
+    shared: Arc<Shared>,
+}
+
+impl PagerHandle {
+    /// True once the page holding `gpa` is mapped (or when `gpa` is outside every region:
+    /// that memory is not demand-paged). A vCPU kicked for a fault can check this before
+    /// asking for an APF: the page may have landed meanwhile.
+    pub fn is_resident(&self, gpa: u64) -> bool {
+        self.shared.is_resident(gpa)
+    }
+
+    /// Asks the pager to fetch and map the page holding `gpa` if it is not present or in
+    /// flight (prefault / prefetch). Not reported through `on_fault`; returns at once.
+    pub fn request(&self, gpa: u64) {
+        self.request_many(std::iter::once(gpa));
+    }
+
+    /// [`PagerHandle::request`] for several pages at once.
+    pub fn request_many(&self, gpas: impl IntoIterator<Item = u64>) {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(gpas);
+        self.shared.wake();
+    }
+
+    /// A snapshot of the counters and latency histograms.
+    pub fn stats(&self) -> PagerStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Pages mapped so far, over all regions.
+    pub fn resident_pages(&self) -> u64 {
+        (0..self.shared.regions.len())
+            .map(|i| self.shared.resident.count(i))
+            .sum()
+    }
+}
+
+/// Demand-pages guest memory: owns the userfaultfd and runs the fault loop on its own thread.
+///
+/// Dropping it stops it like [`Pager::stop`].
+#[derive(Debug)]
+pub struct Pager {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pager {
+    /// Creates a userfaultfd, registers `regions` in MISSING mode and starts serving faults
+    /// on them from `source`.
+    pub fn start(
+        regions: Vec<GuestRegion>,
+        source: Arc<dyn PageSource>,
+        observer: Arc<dyn PagerObserver>,
+        config: &PagerConfig,
+    ) -> Result<Self, PagerError> {
+        Self::start_with_uffd(Uffd::new()?, regions, source, observer, config)
+    }
+
+    /// Like [`Pager::start`] with a userfaultfd the caller created.
+    pub fn start_with_uffd(
+        uffd: Uffd,
+        regions: Vec<GuestRegion>,
+        source: Arc<dyn PageSource>,
+        observer: Arc<dyn PagerObserver>,
+        config: &PagerConfig,
+    ) -> Result<Self, PagerError> {
+        validate(&regions)?;
+        let unit_pages = source.unit_pages();
+        if unit_pages == 0 {
+            return Err(PagerError::Region(format!(
+                "source {} has a fetch unit of 0 pages",
+                source.describe()
+            )));
+        }
+        for r in &regions {
+            // SAFETY: every `GuestRegion` was built with `GuestRegion::new`, whose contract
+            // is `Uffd::register`'s.
+            unsafe { uffd.register(r.host_addr(), r.len()) }?;
+        }
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|errno| {
+            UffdError::Os {
+                what: "eventfd",
+                errno,
+            }
+        })?;
+        let shared = Arc::new(Shared {
+            resident: ResidentMap::new(&regions),
+            regions,
+            stats: Stats::new(),
+            stop: AtomicBool::new(false),
+            wake,
+            requests: Mutex::new(Vec::new()),
+        });
+
+        let fetch_threads = config.fetch_threads_for(&*source);
+        let pool = FetchPool::start(fetch_threads, &source, &shared, config.fetch_retries)?;
+        tracing::debug!(
+            regions = shared.regions.len(),
+            source = %source.describe(),
+            latency = %config.latency,
+            fetch_threads,
+            "pager started"
+        );
+        let fault_loop = FaultLoop::new(
+            uffd,
+            Arc::clone(&shared),
+            observer,
+            source,
+            pool,
+            LatencySampler::new(config.latency, config.seed),
+            config.fetch_retries,
+        );
+        let thread = std::thread::Builder::new()
+            .name("pager".into())
+            .spawn(move || fault_loop.run())
+            .map_err(PagerError::Spawn)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> PagerHandle {
+        PagerHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// See [`PagerHandle::is_resident`].
+    pub fn is_resident(&self, gpa: u64) -> bool {
+        self.shared.is_resident(gpa)
+    }
+
+    /// See [`PagerHandle::request`].
+    pub fn request(&self, gpa: u64) {
+        self.handle().request(gpa);
+    }
+
+    /// A snapshot of the counters and latency histograms.
+    pub fn stats(&self) -> PagerStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Stops the fault loop, joins its threads (a fetch in progress is finished first) and
+    /// closes the userfaultfd, returning the final statistics.
+    ///
+    /// Closing the userfaultfd unregisters the regions and wakes every thread still blocked
+    /// on a missing page: such a thread then sees ordinary anonymous memory (**a zero
+    /// page**). So stop the pager only once the vCPUs are stopped, or once every page is
+    /// present (all is well then).
+    pub fn stop(mut self) -> PagerStats {
+        self.stop_inner();
+        self.shared.stats.snapshot()
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.shared.stop.store(true, Ordering::Release);
+            self.shared.wake();
+            if t.join().is_err() {
+                tracing::error!("the pager thread panicked");
+            }
+            tracing::debug!("pager stopped");
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
