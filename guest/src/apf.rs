@@ -141,8 +141,10 @@ pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
             }
         }
         PfKind::Ready(r) => {
-            wake(c, r);
-            c.current == IDLE
+            // A task woken here preempts the running one at once (as a wakeup preemption
+            // would): its page is in, and a compute task would otherwise keep the vCPU
+            // until the next tick, a whole quantum per page.
+            wake(c, r) || c.current == IDLE
         }
         PfKind::Invalid { reason, cr2 } => {
             puts("apf-guest: invalid APF reason ");
@@ -166,21 +168,21 @@ pub fn page_ready_irq(c: &mut Cpu) -> bool {
         wrmsr(MSR_KVM_ASYNC_PF_ACK, 1);
     } // else a stale interrupt, raised before APF was disabled (MSR self-test): EOI only.
     lapic::eoi();
-    if let Some(r) = reason::take_ready_token(slot) {
-        wake(c, r);
-    }
-    c.current == IDLE
+    let woke = reason::take_ready_token(slot).is_some_and(|r| wake(c, r));
+    woke || c.current == IDLE
 }
 
-fn wake(c: &Cpu, r: Ready) {
+/// Wakes the sleepers `r` names. Returns true when a task of this vCPU became runnable.
+fn wake(c: &Cpu, r: Ready) -> bool {
     let cc = cpu_counters(c.id);
     let me = c.id;
+    let mut local = false;
     match r {
         Ready::Page(token) => {
             // SAFETY: this vCPU's counters.
             unsafe { (*cc).page_ready += 1 };
             match TABLE.with(|t| t.wake(token)) {
-                WakeOutcome::Woken(task) => make_runnable(u32::from(task), me),
+                WakeOutcome::Woken(task) => local |= make_runnable(u32::from(task), me),
                 WakeOutcome::DummyRecorded
                 | WakeOutcome::AlreadyRecorded
                 | WakeOutcome::DummyDropped
@@ -194,8 +196,9 @@ fn wake(c: &Cpu, r: Ready) {
             // SAFETY: as above.
             unsafe { (*cc).wake_all += 1 };
             TABLE.with(|t| {
-                let _ = t.wake_all(|task| make_runnable(u32::from(task), me));
+                let _ = t.wake_all(|task| local |= make_runnable(u32::from(task), me));
             });
         }
     }
+    local
 }

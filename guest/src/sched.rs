@@ -37,6 +37,9 @@ pub mod sys {
     pub const PRINT: u64 = 2;
     /// Publish progress: `report(work, checksum)` into the task's counters.
     pub const REPORT: u64 = 3;
+    /// Ask the VMM for a snapshot: `snapshot(tag)` writes `tag` (u32) to port 0xf5. The VMM
+    /// may stop the VM there and resume it later, elsewhere (restore).
+    pub const SNAPSHOT: u64 = 4;
 }
 
 /// `Cpu::current` when the vCPU runs its idle loop.
@@ -302,7 +305,8 @@ pub fn finish_task(c: &mut Cpu, t: u32, code: u32) {
 }
 
 /// Makes task `t` (asleep on a token) runnable on its own vCPU; `from` is the waking vCPU.
-pub fn make_runnable(t: u32, from: u32) {
+/// Returns true when the task belongs to `from` (the caller may reschedule at once).
+pub fn make_runnable(t: u32, from: u32) -> bool {
     // SAFETY: `cpu` of a task never changes after boot.
     let cpu = unsafe { (*task_ptr(t)).cpu };
     TASK_STATE[t as usize].store(state::RUNNABLE, Ordering::Release);
@@ -310,6 +314,7 @@ pub fn make_runnable(t: u32, from: u32) {
     if cpu != from {
         lapic::ipi(cpu, VEC_RESCHED);
     }
+    cpu == from
 }
 
 /// The system-call instruction sequence: `ud2` followed by the marker byte 0x80.
@@ -360,8 +365,9 @@ pub extern "C" fn trap_dispatch(f: *mut Frame) -> *mut Frame {
         14 => apf::page_fault(c, fr),
         VEC_APF => apf::page_ready_irq(c),
         VEC_RESCHED => {
+            // Sent when a task of this vCPU was woken elsewhere: let it run now.
             lapic::eoi();
-            c.current == IDLE
+            true
         }
         13 if c.expect_gp => {
             fr.rip += 2; // skip the `wrmsr` (0f 30)
@@ -397,6 +403,12 @@ fn syscall(c: &mut Cpu, fr: &mut Frame) -> bool {
                 (*tc).work = fr.rdi;
                 (*tc).checksum = fr.rsi;
             }
+            fr.rax = 0;
+            false
+        }
+        sys::SNAPSHOT => {
+            #[allow(clippy::cast_possible_truncation)] // the tag is a u32 by contract
+            outl(port::SNAPSHOT, fr.rdi as u32);
             fr.rax = 0;
             false
         }

@@ -8,7 +8,7 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use guest_abi::{
-    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, SCAN_FILL, TaskKind, TaskSpec, checksum_mix,
+    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec, checksum_mix,
     expected_fill_checksum, fill_word, task_state,
 };
 
@@ -58,6 +58,11 @@ pub fn sys_print(s: &[u8]) {
     syscall2(sys::PRINT, s.as_ptr() as u64, s.len() as u64);
 }
 
+/// `snapshot(tag)`: ask the VMM for a snapshot here.
+pub fn sys_snapshot(tag: u32) {
+    syscall2(sys::SNAPSHOT, u64::from(tag), 0);
+}
+
 /// `report(work, checksum)`.
 pub fn sys_report(work: u64, checksum: u64) {
     syscall2(sys::REPORT, work, checksum);
@@ -92,6 +97,11 @@ pub extern "C" fn task_entry(t: u64) -> ! {
 fn publish_work(t: u32, work: u64) {
     // SAFETY: the task's own counters entry; a plain store, read by the VMM.
     unsafe { write_volatile(addr_of_mut!((*task_counters(t)).work), work) }
+}
+
+fn publish_checksum(t: u32, checksum: u64) {
+    // SAFETY: the task's own counters entry; a plain store, read by the VMM.
+    unsafe { write_volatile(addr_of_mut!((*task_counters(t)).checksum), checksum) }
 }
 
 /// A fixed integer arithmetic loop; `arg0` ms of TSC time, or (0) until every non-compute
@@ -136,14 +146,18 @@ fn compute(t: u32, spec: &TaskSpec) -> u32 {
 
 /// Walks `[arg0, arg0 + arg1)` page by page, `arg2` passes, checksumming; with `SCAN_FILL`
 /// writes the pattern first (in the first pass). Reports pages scanned and the checksum of
-/// one pass; exits non-zero if passes disagree or a fill scan does not read its pattern back.
+/// the last pass; exits non-zero if passes disagree or a fill scan does not read its pattern
+/// back. With `SCAN_SNAPSHOT` it asks for a snapshot after every pass but the last (tag =
+/// passes done), so a restored guest re-reads the whole region.
 fn scan(t: u32, spec: &TaskSpec) -> u32 {
     let (start, len) = (spec.arg0, spec.arg1);
     let passes = spec.arg2.max(1);
     let fill = spec.flags & SCAN_FILL != 0;
+    let snapshot = spec.flags & SCAN_SNAPSHOT != 0;
     let pages = len / PAGE;
     let mut work = 0u64;
     let mut first = CHECKSUM_SEED;
+    let mut last = CHECKSUM_SEED;
     let mut code = 0;
     for pass in 0..passes {
         let mut acc = CHECKSUM_SEED;
@@ -169,11 +183,17 @@ fn scan(t: u32, spec: &TaskSpec) -> u32 {
         } else if acc != first {
             code = EXIT_SCAN_UNSTABLE;
         }
+        last = acc;
+        publish_checksum(t, acc);
+        if snapshot && pass + 1 < passes {
+            #[allow(clippy::cast_possible_truncation)] // tags wrap; only their order matters
+            sys_snapshot((pass + 1) as u32);
+        }
     }
     if fill && code == 0 && first != expected_fill_checksum(start, pages * PAGE) {
         code = EXIT_SCAN_BAD_PATTERN;
     }
-    sys_report(work, first);
+    sys_report(work, last);
     if code != 0 {
         sys_print(b"scan: checksum mismatch\n");
     }

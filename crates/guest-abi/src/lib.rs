@@ -102,6 +102,11 @@ impl TaskKind {
 
 /// [`TaskSpec::flags`] for a scan: write a deterministic pattern before checksumming.
 pub const SCAN_FILL: u32 = 1 << 0;
+/// [`TaskSpec::flags`] for a scan: after each pass but the last, ask the VMM for a snapshot
+/// (the `snapshot(tag)` system call, which writes `tag` = passes done to [`port::SNAPSHOT`]).
+/// The first request comes right after the fill pass; a guest restored from that snapshot
+/// then does its remaining checksum passes over memory that may arrive lazily.
+pub const SCAN_SNAPSHOT: u32 = 1 << 1;
 
 /// One task of the workload.
 #[derive(

@@ -22,6 +22,9 @@ use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm;
 use crate::memory::GuestRam;
 
+mod fault;
+pub use fault::{FaultPath, LatencyUs, PendingFault, Samples};
+
 /// How long to wait before retrying a delivery the vCPU could not take (IF = 0, reason not
 /// consumed...): one kick, one exit, one new window.
 pub const RETRY_DELAY: Duration = Duration::from_micros(500);
@@ -64,6 +67,7 @@ pub struct Apf {
     enables: Mutex<Vec<EnableRecord>>,
     msr_exits: AtomicU64,
     windows: AtomicU64,
+    fault: FaultPath,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +83,7 @@ impl Apf {
         kickers: Vec<Kicker>,
     ) -> Result<Apf> {
         let n = kickers.len();
+        let ram_size = ram.size();
         let config = EngineConfig::new(features, n, RamMap::new(std::iter::once(0..ram.size())));
         Ok(Apf {
             engine: Mutex::new(Engine::new(config)),
@@ -94,6 +99,7 @@ impl Apf {
             enables: Mutex::new(Vec::new()),
             msr_exits: AtomicU64::new(0),
             windows: AtomicU64::new(0),
+            fault: FaultPath::new(n, ram_size),
         })
     }
 
@@ -151,7 +157,7 @@ impl Apf {
 
     /// True when vCPU `i` has work here: mail to inject or a delivery the engine holds.
     pub fn wants_window(&self, i: usize) -> bool {
-        if self.has_mail[i].load(Ordering::Acquire) {
+        if self.has_mail[i].load(Ordering::Acquire) || self.has_fault(i) {
             return true;
         }
         if !self.maybe_pending[i].load(Ordering::Acquire)
@@ -186,6 +192,13 @@ impl Apf {
                 return Ok(());
             }
         }
+        if self.take_fault(vcpu)? {
+            // One exception per entry: deliveries wait for the next window.
+            if lock(&self.engine).pending_delivery(i) {
+                self.delayed.kick_after(&self.kickers[i], RETRY_DELAY);
+            }
+            return Ok(());
+        }
         let cpu = vcpu.cpu_state()?;
         let mut engine = lock(&self.engine);
         let (area_reason, area_token) = match engine.area_gpa(i) {
@@ -208,6 +221,7 @@ impl Apf {
             .delivery_window(i, state)
             .unwrap_or(Delivery::Nothing);
         tracing::debug!(?outcome, ?state, "delivery window");
+        self.note_delivery(outcome);
         self.drain(&mut engine, vcpu);
         self.flag_pending(&engine);
         if engine.pending_delivery(i) {
@@ -256,6 +270,30 @@ impl Apf {
                 }
             }
         }
+    }
+
+    /// The APF MSRs of every vCPU, for a snapshot.
+    pub fn save(&self) -> apf_host::SavedState {
+        lock(&self.engine).save()
+    }
+
+    /// Loads saved APF MSRs (restore): the engine re-runs the enable path, queueing a
+    /// wake-all per enabled vCPU, which each vCPU takes at its first delivery window.
+    pub fn restore(&self, saved: &apf_host::SavedState) -> Result<()> {
+        let mut engine = lock(&self.engine);
+        engine.restore(saved).map_err(|e| {
+            crate::error::VmmError::Config(format!("the snapshot's APF state is refused: {e}"))
+        })?;
+        self.flag_pending(&engine);
+        Ok(())
+    }
+
+    /// Tokens outstanding now, over every vCPU.
+    pub fn outstanding_total(&self) -> u64 {
+        let engine = lock(&self.engine);
+        (0..engine.vcpu_count())
+            .map(|i| engine.outstanding(i) as u64)
+            .sum()
     }
 
     /// The engine's counters.

@@ -23,6 +23,99 @@ pub struct Cli {
 pub enum Command {
     /// Boot the guest kernel, show its console, print its counters, exit with its status.
     Run(RunArgs),
+    /// Boot the guest and snapshot it at its request (after its scan tasks' fill pass),
+    /// after `--at`, or on SIGUSR1; write the snapshot directory and exit.
+    Snapshot(SnapshotArgs),
+    /// Restore a snapshot (eagerly, or lazily with userfaultfd and userspace APF) and run the
+    /// guest to its exit.
+    Restore(RestoreArgs),
+}
+
+/// `apfvm snapshot` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+The scan tasks get the SCAN_SNAPSHOT flag: after their fill pass they ask for a snapshot
+(port 0xf5) and then run their remaining checksum passes (--scan-passes, at least 2 here).
+The VM pauses every vCPU at a consistent point, writes DIR atomically (DIR.tmp-*, fsync,
+rename) and exits with status 0.
+
+Examples:
+  apfvm snapshot --out /tmp/snap --apf v2 --vcpus 2 --mem 128M --workload compute:2,scan:1 --scan-size 2M
+  apfvm snapshot --out /tmp/snap --at 200ms --workload compute:2")]
+pub struct SnapshotArgs {
+    /// The snapshot directory to create (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Snapshot this long after the start (e.g. 200ms, 1.5s) instead of waiting for the
+    /// guest's request.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Ignore the guest's requests (use with --at or SIGUSR1).
+    #[arg(long)]
+    pub no_guest_request: bool,
+    /// Run options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `--apf` for a restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RestoreApf {
+    /// Missing pages touched at CPL 3 become asynchronous page faults (userspace APF).
+    On,
+    /// Never inject: every missing page stalls its vCPU until it arrives.
+    Off,
+    /// KVM's own in-kernel APF on the same userfaultfd memory (v2 guests only): the
+    /// baseline stock KVM gives QEMU postcopy and Firecracker's UFFD restore.
+    Kernel,
+}
+
+/// `apfvm restore` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Eager: the memory file is read and every 64 KiB chunk verified against the manifest before
+the guest runs. Lazy: the first 16 MiB (kernel, tables, stacks) are loaded eagerly; workload
+memory is mapped empty and served page by page through userfaultfd from the memory file
+(each 64 KiB chunk verified before it is mapped), each fetch delayed by --fetch-latency.
+
+FETCH LATENCY: 0 | DUR | uniform:DUR..DUR | exp:DUR (mean); DUR like 20ms, 100us, 1.5ms.
+
+Exit status: the guest's; 125 when apfvm fails (refused snapshot, page that fails its
+checksum: the guest page is named).
+
+Examples:
+  apfvm restore /tmp/snap
+  apfvm restore /tmp/snap --lazy --fetch-latency 20ms --json out.json
+  apfvm restore /tmp/snap --lazy --apf off --fetch-latency 1ms
+  apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms")]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Serve workload memory on demand through userfaultfd.
+    #[arg(long)]
+    pub lazy: bool,
+    /// Userspace APF for missing pages (lazy restores).
+    #[arg(long, value_enum, default_value_t = RestoreApf::On)]
+    pub apf: RestoreApf,
+    /// Delay per page fetch (lazy restores): see FETCH LATENCY.
+    #[arg(long, default_value = "0")]
+    pub fetch_latency: String,
+    /// Write the counters as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Fail if the guest has not exited after this many seconds (0 = wait forever).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// Do not print the counters summary at exit.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Take a new snapshot of the restored guest into this directory (at the guest's next
+    /// request, or --snapshot-at) and exit.
+    #[arg(long)]
+    pub snapshot_out: Option<PathBuf>,
+    /// With --snapshot-out: snapshot this long after the restore.
+    #[arg(long)]
+    pub snapshot_at: Option<String>,
 }
 
 /// `--apf` values.

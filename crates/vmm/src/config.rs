@@ -3,7 +3,9 @@
 use guest_abi::TaskSpec;
 
 /// Which APF protocol the VMM offers (`--apf`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ApfMode {
     /// Not offered: no CPUID bit; the MSRs answer #GP.
@@ -16,7 +18,9 @@ pub enum ApfMode {
 }
 
 /// How a guest `hlt` is handled. See `kvm::vm` for the trade-off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum HaltMode {
     /// KVM emulates `hlt` in the kernel (the vCPU sleeps until an interrupt).

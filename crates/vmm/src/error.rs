@@ -47,6 +47,13 @@ pub enum VmmError {
         /// The end of the console output.
         console: String,
     },
+    /// A snapshot could not be written, or is refused.
+    #[error("snapshot: {0}")]
+    Snapshot(Box<crate::snapshot::SnapshotError>),
+    /// Lazy guest memory failed (a page could not be fetched or verified): the VM is stopped
+    /// rather than given wrong memory.
+    #[error("lazy memory: {0}")]
+    Pager(String),
     /// An OS call (threads, signals) failed.
     #[error("{what}: {err}")]
     Os {

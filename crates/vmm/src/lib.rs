@@ -10,8 +10,10 @@
 //! - [`exit`]: exit handling as a free function over an owned [`exit::Exit`].
 //! - [`apf`]: the apf-host engine and the carrying out of its actions.
 //! - [`kick`]: kicking vCPUs out of `KVM_RUN` (now or after a delay).
-//! - [`vcpu_loop`], [`run`]: the vCPU threads and one whole run; [`console`]: port 0xe9;
+//! - [`vcpu_loop`], [`run`](mod@run)(mod@run): the vCPU threads and one whole run; [`console`]: port 0xe9;
 //!   [`report`]: the results (text and JSON).
+//! - [`snapshot`] (format, taking one), [`restore`] (eager and lazy), [`lazy`] (the pager
+//!   behind lazily restored memory); the userspace APF path is in [`apf`].
 //! - [`cli`]: the `apfvm` command line (the binary is `src/main.rs`).
 
 pub mod apf;
@@ -25,17 +27,20 @@ pub mod guest_image;
 pub mod kick;
 pub mod kvm;
 pub mod layout;
+pub mod lazy;
 pub mod loader;
 pub mod memory;
 pub mod report;
+pub mod restore;
 pub mod run;
+pub mod snapshot;
 pub mod vcpu_loop;
 pub mod workload;
 
 pub use config::{ApfMode, HaltMode, VmConfig};
 pub use error::{Result, VmmError};
 pub use report::RunReport;
-pub use run::run;
+pub use run::{RunOptions, SnapshotPlan, run, run_with};
 
 /// True when `/dev/kvm` exists (tests skip without it).
 pub fn kvm_available() -> bool {

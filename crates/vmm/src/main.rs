@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use vmm::cli::{Cli, Command, RunArgs};
+use vmm::cli::{Cli, Command, RestoreApf, RestoreArgs, RunArgs, SnapshotArgs};
 use vmm::layout::parse_size;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{VmConfig, guest_image};
@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Snapshot(args) => snapshot(&args),
+        Command::Restore(args) => restore(&args),
     };
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
@@ -38,7 +40,85 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<u32> {
+fn duration(what: &str, s: &str) -> anyhow::Result<Duration> {
+    pager::parse_duration(s)
+        .with_context(|| format!("{what} {s:?}: expected e.g. 200ms, 100us, 1.5s"))
+}
+
+fn output(
+    report: &vmm::RunReport,
+    quiet: bool,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if !quiet {
+        print!("{}", report.summary());
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report).context("serializing the report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn snapshot(args: &SnapshotArgs) -> anyhow::Result<u32> {
+    let at = args
+        .at
+        .as_deref()
+        .map(|s| duration("--at", s))
+        .transpose()?;
+    let mut cfg = config(&args.run, true)?;
+    cfg.echo_console = !args.run.quiet;
+    let opts = vmm::RunOptions {
+        timeout: (args.run.timeout > 0).then(|| Duration::from_secs(args.run.timeout)),
+        snapshot: Some(vmm::SnapshotPlan {
+            out: args.out.clone(),
+            on_guest_request: !args.no_guest_request,
+            at,
+            on_sigusr1: true,
+        }),
+    };
+    let report = vmm::run_with(&cfg, &opts).context("taking a snapshot")?;
+    output(&report, args.run.quiet, args.run.json.as_deref())?;
+    println!("apfvm: snapshot written to {}", args.out.display());
+    Ok(0)
+}
+
+fn restore(args: &RestoreArgs) -> anyhow::Result<u32> {
+    let fetch_latency: pager::FetchLatency =
+        args.fetch_latency.parse().context("--fetch-latency")?;
+    let snapshot_at = args
+        .snapshot_at
+        .as_deref()
+        .map(|s| duration("--snapshot-at", s))
+        .transpose()?;
+    let opts = vmm::restore::RestoreOptions {
+        dir: args.dir.clone(),
+        lazy: args.lazy,
+        apf: match args.apf {
+            RestoreApf::On => vmm::restore::ApfPath::Userspace,
+            RestoreApf::Off => vmm::restore::ApfPath::Off,
+            RestoreApf::Kernel => vmm::restore::ApfPath::Kernel,
+        },
+        fetch_latency,
+        timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
+        echo_console: !args.quiet,
+        snapshot: args.snapshot_out.as_ref().map(|out| vmm::SnapshotPlan {
+            out: out.clone(),
+            on_guest_request: snapshot_at.is_none(),
+            at: snapshot_at,
+            on_sigusr1: true,
+        }),
+    };
+    let report = vmm::restore::restore(&opts)
+        .with_context(|| format!("restoring {}", args.dir.display()))?;
+    output(&report, args.quiet, args.json.as_deref())?;
+    if let Some(out) = &args.snapshot_out {
+        println!("apfvm: snapshot written to {}", out.display());
+    }
+    Ok(report.exit_status)
+}
+
+fn config(args: &RunArgs, snapshot: bool) -> anyhow::Result<VmConfig> {
     let mem_size = parse_size(&args.mem).context("--mem")?;
     let scan_bytes = args
         .scan_size
@@ -46,23 +126,30 @@ fn run(args: &RunArgs) -> anyhow::Result<u32> {
         .map(parse_size)
         .transpose()
         .context("--scan-size")?;
-    let tasks = workload::build(
+    let mut tasks = workload::build(
         &args.workload,
         WorkloadParams {
             vcpus: args.vcpus.max(1),
             ram_end: mem_size,
             scan_bytes,
-            scan_passes: args.scan_passes,
+            scan_passes: if snapshot {
+                args.scan_passes.max(2)
+            } else {
+                args.scan_passes
+            },
             compute_ms: args.compute_ms,
         },
     )
     .context("--workload")?;
+    if snapshot {
+        workload::request_snapshots(&mut tasks);
+    }
     let guest_image = match &args.guest {
         Some(path) => std::fs::read(path)
             .with_context(|| format!("cannot read guest image {}", path.display()))?,
         None => guest_image::BUNDLED.to_vec(),
     };
-    let cfg = VmConfig {
+    Ok(VmConfig {
         vcpus: args.vcpus,
         mem_size,
         apf: args.apf.into(),
@@ -71,18 +158,16 @@ fn run(args: &RunArgs) -> anyhow::Result<u32> {
         quantum_us: args.quantum_us,
         halt: args.hlt.into(),
         echo_console: true,
-    };
+    })
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<u32> {
+    let cfg = config(args, false)?;
     let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let report = vmm::run(&cfg, timeout).with_context(|| match &args.guest {
         Some(p) => format!("running guest {}", p.display()),
         None => "running the bundled guest".to_string(),
     })?;
-    if !args.quiet {
-        print!("{}", report.summary());
-    }
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).context("serializing the report")?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
+    output(&report, args.quiet, args.json.as_deref())?;
     Ok(report.exit_status)
 }

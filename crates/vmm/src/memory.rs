@@ -44,6 +44,15 @@ impl GuestRam {
         gpa.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
+    /// The host address of `[gpa, gpa + len)`, for registering it with userfaultfd (lazy
+    /// restore). Nothing else may use host pointers to guest memory.
+    pub fn host_ptr(&self, gpa: u64, len: usize) -> Result<*mut u8> {
+        self.check(gpa, len)?;
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| VmmError::Memory(format!("host address of {gpa:#x}: {e}")))
+    }
+
     /// Registers every region as a KVM memory slot.
     pub fn register(&self, vm: &VmFd) -> Result<()> {
         for (slot, region) in self.mem.iter().enumerate() {

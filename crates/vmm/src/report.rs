@@ -94,6 +94,17 @@ pub struct EngineReport {
     pub wake_all_delivered: u64,
     /// Windows held, by reason.
     pub held: BTreeMap<String, u64>,
+    /// Pages reported arrived to the engine (lazy restore).
+    pub pages_arrived: u64,
+    /// Tokens made ready by those arrivals.
+    pub tokens_ready: u64,
+    /// Outstanding tokens covered by a wake-all (dropped without an individual page ready:
+    /// the wake-all woke their sleepers).
+    pub tokens_covered_by_wake_all: u64,
+    /// Outstanding tokens dropped by a disable, reset or restore.
+    pub tokens_dropped_other: u64,
+    /// Tokens outstanding at the end (not-present injected, page ready not handed out).
+    pub outstanding_at_end: u64,
     /// Delivery windows opened by the VMM.
     pub windows: u64,
     /// Per vCPU at exit: APF version and area while active.
@@ -138,7 +149,29 @@ pub struct RunReport {
     pub vmm: Vec<VcpuStatsReport>,
     /// Console output.
     pub console: String,
+    /// After a restore: task and vCPU counters count from the restore (the VMM subtracts
+    /// the values found in the snapshot's counters page).
+    pub counters_since_restore: bool,
+    /// Set when the run ended by taking a snapshot.
+    pub snapshot: Option<SnapshotReport>,
+    /// Set for `apfvm restore`.
+    pub restore: Option<crate::restore::RestoreReport>,
 }
+
+/// A snapshot taken by this run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotReport {
+    /// Where it is.
+    pub dir: String,
+    /// What asked for it.
+    pub trigger: String,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// Time to write it (state, memory, fsyncs), µs.
+    pub write_us: u64,
+}
+
+pub use crate::restore::RestoreReport;
 
 /// Serializable copy of [`VcpuStats`].
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -223,6 +256,15 @@ fn engine_report(shared: &Shared) -> EngineReport {
         wake_all_queued: c.wake_all_queued,
         wake_all_delivered: c.wake_all_delivered,
         held: c.held.iter().map(|(r, n)| (format!("{r:?}"), n)).collect(),
+        pages_arrived: c.pages_arrived,
+        tokens_ready: c.tokens_ready,
+        tokens_covered_by_wake_all: c.dropped.wake_all,
+        tokens_dropped_other: c
+            .dropped
+            .disable
+            .saturating_add(c.dropped.reset)
+            .saturating_add(c.dropped.restore),
+        outstanding_at_end: shared.apf.outstanding_total(),
         windows: shared.apf.windows(),
         active: shared
             .apf
@@ -236,36 +278,49 @@ fn engine_report(shared: &Shared) -> EngineReport {
 
 impl RunReport {
     /// Assembles the report after the vCPU threads are gone.
+    #[allow(clippy::too_many_arguments, clippy::too_many_lines)]
     pub(crate) fn new(
         cfg: &VmConfig,
         exit_status: u32,
         elapsed: Duration,
         tsc_khz: u32,
         counters: &Counters,
+        baseline: Option<&Counters>,
         shared: &Shared,
         stats: Vec<VcpuStats>,
     ) -> RunReport {
         let valid = counters.magic == COUNTERS_MAGIC;
+        let zero = Counters {
+            magic: 0,
+            version: 0,
+            task_count: 0,
+            cpus: [guest_abi::CpuCounters::default(); guest_abi::MAX_CPUS],
+            tasks: [guest_abi::TaskCounters::default(); guest_abi::MAX_TASKS],
+        };
+        let base = baseline.unwrap_or(&zero);
         let tasks = if valid {
             let n = (counters.task_count as usize).min(counters.tasks.len());
             counters.tasks[..n]
                 .iter()
                 .enumerate()
-                .map(|(index, t)| TaskReport {
+                .map(|(index, t)| (index, t, &base.tasks[index]))
+                .map(|(index, t, b)| TaskReport {
                     index,
                     kind: kind_name(t.kind),
                     cpu: cfg.tasks.get(index).map_or(0, |s| s.cpu),
                     state: state_name(t.state),
                     exit_code: t.exit_code,
-                    work: t.work,
+                    work: t.work.saturating_sub(b.work),
                     checksum: t.checksum,
                     checksum_ok: cfg
                         .tasks
                         .get(index)
                         .and_then(expected_checksum)
                         .map(|c| c == t.checksum),
-                    apf_sleeps: t.apf_sleeps,
-                    ran_while_token_outstanding: t.ran_while_token_outstanding,
+                    apf_sleeps: t.apf_sleeps.saturating_sub(b.apf_sleeps),
+                    ran_while_token_outstanding: t
+                        .ran_while_token_outstanding
+                        .saturating_sub(b.ran_while_token_outstanding),
                     run_us: if tsc_khz == 0 || t.done_tsc < t.start_tsc {
                         0
                     } else {
@@ -280,17 +335,20 @@ impl RunReport {
             counters.cpus[..(cfg.vcpus as usize).min(counters.cpus.len())]
                 .iter()
                 .enumerate()
-                .map(|(index, c)| CpuReport {
-                    index,
-                    apf_version: c.apf_version,
-                    apf_vector: c.apf_vector,
-                    not_present: c.not_present,
-                    page_ready: c.page_ready,
-                    wake_all: c.wake_all,
-                    early_ready: c.early_ready,
-                    idle_halts: c.idle_halts,
-                    timer_ticks: c.timer_ticks,
-                    switches: c.switches,
+                .map(|(index, c)| {
+                    let b = &base.cpus[index];
+                    CpuReport {
+                        index,
+                        apf_version: c.apf_version,
+                        apf_vector: c.apf_vector,
+                        not_present: c.not_present.saturating_sub(b.not_present),
+                        page_ready: c.page_ready.saturating_sub(b.page_ready),
+                        wake_all: c.wake_all.saturating_sub(b.wake_all),
+                        early_ready: c.early_ready.saturating_sub(b.early_ready),
+                        idle_halts: c.idle_halts.saturating_sub(b.idle_halts),
+                        timer_ticks: c.timer_ticks.saturating_sub(b.timer_ticks),
+                        switches: c.switches.saturating_sub(b.switches),
+                    }
                 })
                 .collect()
         } else {
@@ -319,6 +377,9 @@ impl RunReport {
                 })
                 .collect(),
             console: shared.console.text(),
+            counters_since_restore: baseline.is_some(),
+            snapshot: None,
+            restore: None,
         }
     }
 
@@ -409,6 +470,19 @@ impl RunReport {
             }
         }
         self.write_engine_and_vmm(&mut s);
+        if let Some(snap) = &self.snapshot {
+            let _ = writeln!(
+                s,
+                "   snapshot: {} ({} MiB of memory, trigger: {}, written in {:.1} ms)",
+                snap.dir,
+                snap.memory_bytes >> 20,
+                snap.trigger,
+                Duration::from_micros(snap.write_us).as_secs_f64() * 1000.0
+            );
+        }
+        if let Some(r) = &self.restore {
+            s.push_str(&r.summary());
+        }
         s
     }
 
@@ -417,7 +491,7 @@ impl RunReport {
         let gp: u64 = e.gp.values().sum();
         let _ = writeln!(
             *s,
-            "   engine: msr exits {} (en {}, int {}, ack {}, #GP {}), faults {}, injected {}, page-ready {}, wake-all {}/{} delivered, windows {}",
+            "   engine: msr exits {} (en {}, int {}, ack {}, #GP {}), faults {}, injected {}, page-ready {}, wake-all {}/{} delivered, tokens covered by wake-all {}, windows {}",
             e.msr_exits,
             e.en_writes,
             e.int_writes,
@@ -428,8 +502,22 @@ impl RunReport {
             e.page_ready_delivered,
             e.wake_all_delivered,
             e.wake_all_queued,
+            e.tokens_covered_by_wake_all,
             e.windows
         );
+        let fallbacks: Vec<String> = e
+            .fallback
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        if !fallbacks.is_empty() {
+            let _ = writeln!(
+                *s,
+                "   engine: synchronous fallbacks by reason: {}",
+                fallbacks.join(", ")
+            );
+        }
         for (i, a) in e.active.iter().enumerate() {
             if let Some(a) = a {
                 let _ = writeln!(

@@ -1,5 +1,6 @@
 //! The body of a vCPU thread: run, convert the exit, [`handle_exit`], carry out the action.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::apf::Apf;
@@ -20,9 +21,65 @@ pub struct Shared {
     pub apf: Apf,
     /// The guest console.
     pub console: Console,
+    /// Set when the VM must pause for a snapshot: every vCPU finishes its pending
+    /// instruction and leaves its loop with [`VcpuEnd::Paused`].
+    pub pause: AtomicBool,
+    /// Honour the guest's "snapshot me" requests (port 0xf5) by pausing.
+    pub snapshot_on_request: bool,
+    /// What asked for the pause (the first request wins).
+    pub pause_trigger: Mutex<Option<String>>,
+    /// A failure outside the vCPU threads (the pager) that stopped the VM.
+    pub failure: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Shared state for `kickers.len()` vCPUs.
+    pub fn new(
+        kickers: Vec<Kicker>,
+        apf: Apf,
+        console: Console,
+        snapshot_on_request: bool,
+    ) -> Shared {
+        Shared {
+            stop: AtomicBool::new(false),
+            kickers,
+            apf,
+            console,
+            pause: AtomicBool::new(false),
+            snapshot_on_request,
+            pause_trigger: Mutex::new(None),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Stops the VM because of a failure outside the vCPU threads (the first one is kept).
+    pub fn fail(&self, why: String) {
+        tracing::error!(%why, "stopping the VM");
+        self.failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(why);
+        self.stop_all();
+    }
+
+    /// Pauses every vCPU for a snapshot; `trigger` says why (kept if first).
+    pub fn request_pause(&self, trigger: String) {
+        {
+            let mut t = self
+                .pause_trigger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if t.is_none() {
+                tracing::info!(%trigger, "pausing every vCPU for a snapshot");
+                *t = Some(trigger);
+            }
+        }
+        self.pause.store(true, Ordering::SeqCst);
+        for k in &self.kickers {
+            k.kick();
+        }
+    }
+
     /// Stops every vCPU: sets the flag and kicks them all.
     pub fn stop_all(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -37,6 +94,8 @@ impl Shared {
 pub enum VcpuEnd {
     /// This vCPU wrote the exit port.
     Done(u32),
+    /// Paused for a snapshot, every instruction completed: its state may be read.
+    Paused,
     /// Stopped because another vCPU ended the VM.
     Stopped,
     /// The guest died on this vCPU.
@@ -86,15 +145,16 @@ impl ExitContext for Ctx<'_> {
     }
 }
 
-/// Runs vCPU `vcpu` until the VM stops. Must run on the thread that will own the vCPU.
-pub fn run_vcpu(mut vcpu: Vcpu, shared: &Shared) -> (VcpuEnd, VcpuStats) {
+/// Runs vCPU `vcpu` until the VM stops or pauses. Must run on the thread that will own the
+/// vCPU; hands the vCPU back (a paused one is saved by the caller).
+pub fn run_vcpu(mut vcpu: Vcpu, shared: &Shared) -> (VcpuEnd, VcpuStats, Vcpu) {
     let index = vcpu.index();
     let span = tracing::info_span!("vcpu", index);
     let _entered = span.enter();
     let kicker = &shared.kickers[index as usize];
-    // SAFETY: `vcpu` (and so its kvm_run mapping) lives until the end of this function,
-    // after `_target` is dropped; `_target` is dropped on this thread.
-    let _target = unsafe { KickTarget::register(kicker, vcpu.immediate_exit_ptr()) };
+    // SAFETY: `vcpu` (and so its kvm_run mapping) lives until `target` is dropped, on this
+    // thread, before the vCPU is handed back.
+    let target = unsafe { KickTarget::register(kicker, vcpu.immediate_exit_ptr()) };
     let mut stats = VcpuStats {
         index,
         ..VcpuStats::default()
@@ -104,7 +164,8 @@ pub fn run_vcpu(mut vcpu: Vcpu, shared: &Shared) -> (VcpuEnd, VcpuStats) {
     line.flush(&shared.console);
     stats.kicks = kicker.kicks();
     tracing::debug!(?end, "vCPU stopped");
-    (end, stats)
+    drop(target);
+    (end, stats, vcpu)
 }
 
 fn run_loop(
@@ -117,6 +178,25 @@ fn run_loop(
     // No instruction completion is pending before the first entry.
     let mut completion_pending = false;
     loop {
+        if shared.pause.load(Ordering::SeqCst) {
+            if completion_pending {
+                // "KVM_RUN with immediate_exit set completes the pending operation (PIO/MMIO
+                // read data, MSR reply) and returns EINTR": afterwards the state is whole.
+                vcpu.set_immediate_exit(true);
+                let r = vcpu.run();
+                vcpu.set_immediate_exit(false);
+                match r {
+                    Ok(Exit::Interrupted) => {}
+                    Ok(other) => {
+                        return VcpuEnd::Error(VmmError::Config(format!(
+                            "completing the last exit before a snapshot gave {other:?}"
+                        )));
+                    }
+                    Err(e) => return VcpuEnd::Error(e),
+                }
+            }
+            return VcpuEnd::Paused;
+        }
         if shared.stop.load(Ordering::SeqCst) {
             return VcpuEnd::Stopped;
         }
@@ -149,10 +229,11 @@ fn run_loop(
             ExitAction::Resume(reply) => vcpu.write_reply(reply),
             ExitAction::Done(code) => return VcpuEnd::Done(code),
             ExitAction::Snapshot(tag) => {
-                tracing::warn!(
-                    tag,
-                    "snapshot requested; snapshots are not implemented yet, resuming"
-                );
+                if shared.snapshot_on_request {
+                    shared.request_pause(format!("guest request (port 0xf5, tag {tag})"));
+                } else {
+                    tracing::debug!(tag, "guest asked for a snapshot; none planned, resuming");
+                }
             }
             ExitAction::Fatal(fault) => return VcpuEnd::Fatal(fault),
         }

@@ -2,7 +2,7 @@
 //! turned into guest-abi [`TaskSpec`]s: tasks round-robin over vCPUs, scan tasks each get an
 //! equal, page-aligned share of the workload region.
 
-use guest_abi::{MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec, WORKLOAD_GPA};
+use guest_abi::{MAX_TASKS, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec, WORKLOAD_GPA};
 
 use crate::error::{Result, VmmError};
 
@@ -111,6 +111,14 @@ pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
         tasks.push(t);
     }
     Ok(tasks)
+}
+
+/// Sets `SCAN_SNAPSHOT` on every scan task: each asks for a snapshot after every pass but
+/// its last (the first request right after its fill pass).
+pub fn request_snapshots(tasks: &mut [TaskSpec]) {
+    for t in tasks.iter_mut().filter(|t| t.kind == TaskKind::Scan as u32) {
+        t.flags |= SCAN_SNAPSHOT;
+    }
 }
 
 #[cfg(test)]

@@ -107,3 +107,81 @@ fn errors_are_clear_and_exit_non_zero() {
     let _ = std::fs::remove_file(&bad);
     let _ = std::fs::remove_file(&dies);
 }
+
+#[test]
+fn snapshot_then_lazy_restore_from_the_command_line() {
+    if !vmm::kvm_available() {
+        println!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("apfvm-cli-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = dir.join("snap");
+    let out = apfvm()
+        .args(["snapshot", "--out"])
+        .arg(&snap)
+        .args([
+            "--apf",
+            "v2",
+            "--vcpus",
+            "2",
+            "--mem",
+            "64M",
+            "--scan-size",
+            "1M",
+            "--timeout",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("snapshot written to"), "{text}");
+    let json = dir.join("r.json");
+    let out = apfvm()
+        .arg("restore")
+        .arg(&snap)
+        .args([
+            "--lazy",
+            "--fetch-latency",
+            "5ms",
+            "--timeout",
+            "30",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "restore: lazy",
+        "uffd message → APF injected",
+        "all tasks done",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        report["engine"]["injected"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(report["restore"]["mode"], "lazy");
+    // A refused snapshot: status 125 and the reason.
+    std::fs::write(snap.join("manifest.json"), "{}").unwrap();
+    let out = apfvm().arg("restore").arg(&snap).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid apfvm snapshot manifest"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

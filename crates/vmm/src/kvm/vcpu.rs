@@ -3,7 +3,7 @@
 
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_VCPUEVENT_VALID_PAYLOAD,
-    kvm_mp_state, kvm_regs, kvm_segment,
+    Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -12,6 +12,34 @@ use crate::cpuid;
 use crate::error::{Result, VmmError};
 use crate::exit::{Exit, Reply};
 use crate::layout::{self, CODE_SELECTOR, DATA_SELECTOR, GDT, GDT_GPA, PML4_GPA};
+use crate::snapshot::format::{SavedMsr, SavedVcpuState};
+
+/// MSRs a snapshot saves besides what `KVM_GET_SREGS` holds (EFER, APIC base, FS/GS base).
+/// The APF MSRs are not here: the VMM filters them and the engine saves them.
+///
+/// TSC policy: `IA32_TSC` is saved and written back (host-initiated), asking for the guest's
+/// TSC to resume at its snapshot value. On this project's hosts (nested "PVM" KVM, no
+/// hardware TSC offsetting: a CPL 3 `rdtsc` runs natively) the guest TSC follows the host's
+/// whatever is written (measured: the value read back after the write is the host's), so a
+/// restored guest sees the time its snapshot spent on disk pass at once; the guest copes
+/// (compute deadlines only end early; the LAPIC timer state comes back with the LAPIC).
+pub const SAVED_MSRS: &[u32] = &[
+    0x10,        // IA32_TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x1a0,       // MISC_ENABLE
+    0x277,       // PAT
+    0x6e0,       // TSC_DEADLINE
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0100, // FS_BASE
+    0xc000_0101, // GS_BASE
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
 
 /// The #PF vector.
 const PF_VECTOR: u8 = 14;
@@ -57,6 +85,150 @@ impl Vcpu {
         vcpu.set_cpuid(kvm, apf, vcpus)?;
         vcpu.set_boot_state(entry)?;
         Ok(vcpu)
+    }
+
+    /// Creates vCPU `index` with its CPUID and loads `saved` into it (restore).
+    pub fn restore(
+        kvm: &Kvm,
+        vm: &VmFd,
+        vcpus: u32,
+        apf: ApfMode,
+        saved: &SavedVcpuState,
+    ) -> Result<Vcpu> {
+        let fd = vm
+            .create_vcpu(u64::from(saved.index))
+            .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+        let vcpu = Vcpu {
+            index: saved.index,
+            fd,
+        };
+        vcpu.set_cpuid(kvm, apf, vcpus)?;
+        vcpu.load_state(saved)?;
+        Ok(vcpu)
+    }
+
+    /// Reads everything a snapshot keeps of this vCPU. Call only when no instruction
+    /// completion is pending (after an `EINTR` exit or a `KVM_RUN` with `immediate_exit`).
+    pub fn save_state(&self) -> Result<SavedVcpuState> {
+        let fd = &self.fd;
+        let regs = fd.get_regs().map_err(VmmError::kvm("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().ok().map(|x| x.region.to_vec());
+        let xcrs = fd.get_xcrs().ok();
+        let events = fd
+            .get_vcpu_events()
+            .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
+        let lapic = fd.get_lapic().map_err(VmmError::kvm("KVM_GET_LAPIC"))?;
+        let mp_state = fd
+            .get_mp_state()
+            .map_err(VmmError::kvm("KVM_GET_MP_STATE"))?
+            .mp_state;
+        let mut msrs = Vec::new();
+        for &index in SAVED_MSRS {
+            let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+            // An MSR this KVM does not have reads 0 entries: skip it.
+            if fd.get_msrs(&mut one).unwrap_or(0) == 1 {
+                msrs.push(SavedMsr {
+                    index,
+                    value: one.as_slice()[0].data,
+                });
+            }
+        }
+        Ok(SavedVcpuState {
+            index: self.index,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            events,
+            lapic,
+            mp_state,
+            msrs,
+        })
+    }
+
+    /// Loads a saved state: sregs (APIC base first), regs, FPU, MSRs, LAPIC, events, MP state.
+    fn load_state(&self, s: &SavedVcpuState) -> Result<()> {
+        let fd = &self.fd;
+        fd.set_sregs(&s.sregs)
+            .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&s.regs)
+            .map_err(VmmError::kvm("KVM_SET_REGS"))?;
+        if let Some(region) = &s.xsave {
+            let mut x = kvm_bindings::kvm_xsave::default();
+            if region.len() != x.region.len() {
+                return Err(VmmError::Config(format!(
+                    "xsave area of {} words, KVM's has {}",
+                    region.len(),
+                    x.region.len()
+                )));
+            }
+            x.region.copy_from_slice(region);
+            // SAFETY: a legacy 4 KiB kvm_xsave (no extra area) as KVM_GET_XSAVE returned it on
+            // a vCPU with the same CPUID; KVM validates its contents.
+            unsafe { fd.set_xsave(&x) }.map_err(VmmError::kvm("KVM_SET_XSAVE"))?;
+        }
+        if let Some(x) = &s.xcrs {
+            fd.set_xcrs(x).map_err(VmmError::kvm("KVM_SET_XCRS"))?;
+        }
+        let entries: Vec<kvm_msr_entry> = s
+            .msrs
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            })
+            .collect();
+        if !entries.is_empty() {
+            let msrs = Msrs::from_entries(&entries)
+                .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+            let n = fd.set_msrs(&msrs).map_err(VmmError::kvm("KVM_SET_MSRS"))?;
+            if n != entries.len() {
+                return Err(VmmError::Config(format!(
+                    "KVM_SET_MSRS refused MSR {:#x} of the snapshot",
+                    entries[n].index
+                )));
+            }
+        }
+        fd.set_lapic(&s.lapic)
+            .map_err(VmmError::kvm("KVM_SET_LAPIC"))?;
+        fd.set_vcpu_events(&s.events)
+            .map_err(VmmError::kvm("KVM_SET_VCPU_EVENTS"))?;
+        fd.set_mp_state(kvm_mp_state {
+            mp_state: s.mp_state,
+        })
+        .map_err(VmmError::kvm("KVM_SET_MP_STATE"))
+    }
+
+    /// Writes MSRs through `KVM_SET_MSRS` (host-initiated), in order.
+    pub fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let list = Msrs::from_entries(&entries)
+            .map_err(|e| VmmError::Config(format!("MSR list: {e:?}")))?;
+        let n = self
+            .fd
+            .set_msrs(&list)
+            .map_err(VmmError::kvm("KVM_SET_MSRS"))?;
+        if n == entries.len() {
+            Ok(())
+        } else {
+            Err(VmmError::Config(format!(
+                "KVM_SET_MSRS refused MSR {:#x} = {:#x}",
+                entries[n].index, entries[n].data
+            )))
+        }
     }
 
     /// Index of this vCPU (also its APIC id).

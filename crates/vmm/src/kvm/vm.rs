@@ -5,9 +5,9 @@
 //! and the guest's LAPIC timer is KVM's. A guest `hlt` then sleeps in the kernel
 //! ([`HaltMode::InKernel`], the default for now). host-facts.md ("the trap") shows that with an
 //! in-kernel LAPIC and IF = 1, KVM resolves missing userfaultfd pages in a kworker, hiding
-//! which vCPU faulted; the lazy-restore work will need [`HaltMode::NoExit`]
-//! (`KVM_CAP_X86_DISABLE_EXITS(HLT)`, enabled here before any vCPU exists), which is one flag
-//! of [`VmConfig`](crate::config::VmConfig) away.
+//! which vCPU faulted; every restore therefore uses [`HaltMode::NoExit`]
+//! (`KVM_CAP_X86_DISABLE_EXITS(HLT)`, enabled here before any vCPU exists), except
+//! `--apf kernel`, which wants exactly KVM's kworker path (see `crate::restore`).
 
 use kvm_bindings::{
     KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_X86_DISABLE_EXITS, KVM_CAP_X86_USER_SPACE_MSR,
@@ -52,6 +52,13 @@ fn enable_cap(vm: &VmFd, what: &'static str, cap: u32, arg0: u64) -> Result<()> 
 
 /// Creates a VM ready for vCPUs: capabilities enabled, MSR filter installed, irqchip created.
 pub fn create(kvm: &Kvm, halt: HaltMode) -> Result<VmFd> {
+    create_with(kvm, halt, true)
+}
+
+/// [`create`], optionally without the MSR filter: with `filter_apf_msrs = false` KVM itself
+/// handles the APF MSRs and runs its own in-kernel APF (`apfvm restore --apf kernel`, the
+/// baseline that QEMU postcopy and Firecracker's UFFD restore get from stock KVM).
+pub fn create_with(kvm: &Kvm, halt: HaltMode, filter_apf_msrs: bool) -> Result<VmFd> {
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
@@ -71,7 +78,9 @@ pub fn create(kvm: &Kvm, halt: HaltMode) -> Result<VmFd> {
         KVM_CAP_X86_USER_SPACE_MSR,
         u64::from(KVM_MSR_EXIT_REASON_FILTER),
     )?;
-    msr_filter::install(&vm)?;
+    if filter_apf_msrs {
+        msr_filter::install(&vm)?;
+    }
     // #PF injection with CR2 carried as the exception payload.
     enable_cap(
         &vm,
@@ -104,5 +113,29 @@ pub fn signal_msi(vm: &VmFd, apic_id: u32, vector: u8) -> Result<()> {
     };
     vm.signal_msi(msi)
         .map_err(VmmError::kvm("KVM_SIGNAL_MSI"))?;
+    Ok(())
+}
+
+/// The in-kernel interrupt controllers' state: PIC master (0), PIC slave (1), IOAPIC (2).
+pub fn get_irqchips(vm: &VmFd) -> Result<Vec<kvm_bindings::kvm_irqchip>> {
+    (0..3)
+        .map(|chip_id| {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(VmmError::kvm("KVM_GET_IRQCHIP"))?;
+            Ok(chip)
+        })
+        .collect()
+}
+
+/// Loads saved interrupt controller state (after `KVM_CREATE_IRQCHIP`).
+pub fn set_irqchips(vm: &VmFd, chips: &[kvm_bindings::kvm_irqchip]) -> Result<()> {
+    for chip in chips {
+        vm.set_irqchip(chip)
+            .map_err(VmmError::kvm("KVM_SET_IRQCHIP"))?;
+    }
     Ok(())
 }

@@ -1,0 +1,564 @@
+//! The on-disk snapshot: a directory holding `manifest.json` and `memory.raw`.
+//!
+//! ```text
+//! DIR/manifest.json   versioned JSON (serde): format, config, per-vCPU and VM state, the
+//!                     apf-host engine's saved MSRs, and one CRC-32 per memory chunk
+//! DIR/memory.raw      guest RAM [0, mem_size), raw, byte for byte
+//! ```
+//!
+//! Written atomically ([`write_atomically`]): everything goes into a fresh `DIR.tmp-PID-N`
+//! next to `DIR`, each file is fsynced, then the temporary directory is fsynced, renamed to
+//! `DIR` and the parent fsynced. A crash leaves either no `DIR` or a complete one; a leftover
+//! `*.tmp-*` is never read. [`Snapshot::open`] refuses anything it cannot vouch for: missing
+//! or unparsable manifest, another magic or format version, a memory file of the wrong size,
+//! a chunk table that does not cover the memory. Chunk contents are checked when read
+//! (eager restore: all before the guest starts; lazy restore: each chunk before its first page
+//! is served).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use apf_host::SavedState;
+use guest_abi::TaskSpec;
+use kvm_bindings::{kvm_irqchip, kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ApfMode, HaltMode};
+
+/// `manifest.json`'s `magic`.
+pub const MAGIC: &str = "apfvm-snapshot";
+/// The format this build writes and the only one it reads. Bump on any change.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes covered by one checksum: 64 KiB (16 pages), small enough that a lazy restore
+/// verifies little more than the page it serves.
+pub const CHUNK_SIZE: u64 = 64 << 10;
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The memory file's name.
+pub const MEMORY: &str = "memory.raw";
+
+/// Why a snapshot is refused or could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An I/O error on a named file.
+    #[error("{path}: {err}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        err: std::io::Error,
+    },
+    /// The manifest is missing, unparsable or inconsistent.
+    #[error("{path}: not a valid apfvm snapshot manifest: {why}")]
+    BadManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A format this build does not read.
+    #[error("{path}: snapshot format version {found}, this apfvm reads version {FORMAT_VERSION}")]
+    Version {
+        /// The manifest.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+    /// The memory file's size is not the manifest's.
+    #[error(
+        "{path}: memory file is {found} bytes, the manifest says {expected} (truncated or foreign file)"
+    )]
+    MemorySize {
+        /// The memory file.
+        path: PathBuf,
+        /// Bytes found.
+        found: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// A memory chunk does not match its checksum.
+    #[error(
+        "{path}: memory chunk {chunk} (guest-physical {start:#x}..{end:#x}, pages {first_page:#x}..) fails its checksum: crc32 {found:#010x}, manifest {expected:#010x}"
+    )]
+    Checksum {
+        /// The memory file.
+        path: PathBuf,
+        /// Chunk index.
+        chunk: usize,
+        /// First guest-physical byte of the chunk.
+        start: u64,
+        /// End of the chunk.
+        end: u64,
+        /// First guest page frame number of the chunk.
+        first_page: u64,
+        /// CRC computed.
+        found: u32,
+        /// CRC in the manifest.
+        expected: u32,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |err| SnapshotError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+/// One task of the saved workload (guest-abi `TaskSpec`, serializable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTask {
+    /// `TaskKind` as u32.
+    pub kind: u32,
+    /// vCPU.
+    pub cpu: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Arguments.
+    pub arg0: u64,
+    /// Arguments.
+    pub arg1: u64,
+    /// Arguments.
+    pub arg2: u64,
+}
+
+impl From<&TaskSpec> for SavedTask {
+    fn from(t: &TaskSpec) -> SavedTask {
+        SavedTask {
+            kind: t.kind,
+            cpu: t.cpu,
+            flags: t.flags,
+            arg0: t.arg0,
+            arg1: t.arg1,
+            arg2: t.arg2,
+        }
+    }
+}
+
+impl From<&SavedTask> for TaskSpec {
+    fn from(t: &SavedTask) -> TaskSpec {
+        TaskSpec {
+            kind: t.kind,
+            cpu: t.cpu,
+            flags: t.flags,
+            reserved: 0,
+            arg0: t.arg0,
+            arg1: t.arg1,
+            arg2: t.arg2,
+        }
+    }
+}
+
+/// The machine the guest booted on: what a restore must recreate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConfig {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Bytes of RAM.
+    pub mem_size: u64,
+    /// The APF protocol offered at boot (CPUID); a restore offers the same.
+    pub apf: ApfMode,
+    /// `hlt` handling at boot (informative: a restore picks its own).
+    pub halt: HaltMode,
+    /// Scheduler quantum given to the guest.
+    pub quantum_us: u32,
+    /// The workload, as booted (for the report's checksum verification).
+    pub tasks: Vec<SavedTask>,
+    /// TSC frequency the guest was told (kHz).
+    pub tsc_khz: u32,
+}
+
+/// One MSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMsr {
+    /// Index.
+    pub index: u32,
+    /// Value.
+    pub value: u64,
+}
+
+/// The state of one vCPU, as KVM reports it after every pending instruction completed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedVcpuState {
+    /// vCPU index (= APIC id).
+    pub index: u32,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers (EFER, APIC base, CR0..4, CR8).
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/extended state: `kvm_xsave.region` (the guest uses none, but it is cheap).
+    pub xsave: Option<Vec<u32>>,
+    /// XCR0.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Pending/injected exceptions, interrupts, NMI, shadow (with exception payload).
+    pub events: kvm_vcpu_events,
+    /// The in-kernel LAPIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// `KVM_MP_STATE_*`.
+    pub mp_state: u32,
+    /// MSRs KVM handles itself ([`crate::kvm::vcpu::SAVED_MSRS`], those KVM could read).
+    pub msrs: Vec<SavedMsr>,
+}
+
+/// VM-wide device state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedVmState {
+    /// `KVM_GET_IRQCHIP` for chip ids 0 (PIC master), 1 (PIC slave), 2 (IOAPIC). There is
+    /// no PIT (apfvm never creates one).
+    pub irqchips: Vec<kvm_irqchip>,
+}
+
+/// The memory file's description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// Bytes (= RAM size).
+    pub size: u64,
+    /// Bytes per checksum.
+    pub chunk_size: u64,
+    /// CRC-32 (IEEE, crc32fast) of each chunk, in address order.
+    pub crc32: Vec<u32>,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`MAGIC`].
+    pub magic: String,
+    /// [`FORMAT_VERSION`].
+    pub format: u32,
+    /// What asked for the snapshot: `guest tag N`, `--at`, `SIGUSR1`.
+    pub trigger: String,
+    /// The machine.
+    pub config: SavedConfig,
+    /// Per vCPU, in index order.
+    pub vcpus: Vec<SavedVcpuState>,
+    /// Devices.
+    pub vm: SavedVmState,
+    /// The APF MSRs per vCPU (apf-host `Engine::save`); in-flight faults are not saved.
+    pub engine: SavedState,
+    /// Guest RAM.
+    pub memory: MemoryInfo,
+}
+
+impl Manifest {
+    fn check(&self) -> Result<(), String> {
+        let m = &self.memory;
+        if self.config.vcpus == 0 || self.vcpus.len() != self.config.vcpus as usize {
+            return Err(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.config.vcpus
+            ));
+        }
+        if self.engine.vcpus.len() != self.vcpus.len() {
+            return Err("engine state does not match the vCPU count".into());
+        }
+        if m.size != self.config.mem_size {
+            return Err(format!(
+                "memory size {} differs from the configured {}",
+                m.size, self.config.mem_size
+            ));
+        }
+        if m.chunk_size == 0 || !m.chunk_size.is_multiple_of(4096) {
+            return Err(format!(
+                "chunk size {} is not a multiple of 4096",
+                m.chunk_size
+            ));
+        }
+        if m.crc32.len() as u64 != m.size.div_ceil(m.chunk_size) {
+            return Err(format!(
+                "{} chunk checksums for {} bytes in chunks of {}",
+                m.crc32.len(),
+                m.size,
+                m.chunk_size
+            ));
+        }
+        if m.file.contains('/') || m.file.is_empty() {
+            return Err(format!("memory file name {:?}", m.file));
+        }
+        if self.vm.irqchips.len() != 3 {
+            return Err("irqchip state must hold PIC master, PIC slave and IOAPIC".into());
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot directory that passed [`Snapshot::open`]'s checks.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Snapshot {
+    /// Opens and checks `dir` (manifest, version, memory file size). Memory contents are
+    /// verified as they are read.
+    pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let path = dir.join(MANIFEST);
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| SnapshotError::BadManifest {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        if value.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
+            return Err(SnapshotError::BadManifest {
+                path,
+                why: format!("magic is not {MAGIC:?}"),
+            });
+        }
+        let found = value
+            .get("format")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+        if found != FORMAT_VERSION {
+            return Err(SnapshotError::Version { path, found });
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| SnapshotError::BadManifest {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        manifest
+            .check()
+            .map_err(|why| SnapshotError::BadManifest { path, why })?;
+        let snap = Snapshot {
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        let mem = snap.memory_path();
+        let found = fs::metadata(&mem).map_err(io(&mem))?.len();
+        if found != snap.manifest.memory.size {
+            return Err(SnapshotError::MemorySize {
+                path: mem,
+                found,
+                expected: snap.manifest.memory.size,
+            });
+        }
+        Ok(snap)
+    }
+
+    /// The memory file.
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.memory.file)
+    }
+
+    /// Checks chunk `chunk` whose bytes are `data` against the manifest.
+    pub fn verify_chunk(&self, chunk: usize, data: &[u8]) -> Result<(), SnapshotError> {
+        let m = &self.manifest.memory;
+        let expected = m.crc32.get(chunk).copied().unwrap_or(0);
+        let found = crc32fast::hash(data);
+        if found == expected {
+            return Ok(());
+        }
+        let start = chunk as u64 * m.chunk_size;
+        Err(SnapshotError::Checksum {
+            path: self.memory_path(),
+            chunk,
+            start,
+            end: start + data.len() as u64,
+            first_page: start >> 12,
+            found,
+            expected,
+        })
+    }
+
+    /// Reads and verifies the chunk starting at guest-physical `start`.
+    pub fn read_chunk(&self, start: u64) -> Result<Vec<u8>, SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.memory_path();
+        let m = &self.manifest.memory;
+        let len = usize::try_from(m.chunk_size.min(m.size.saturating_sub(start))).unwrap_or(0);
+        let mut buf = vec![0u8; len];
+        let f = File::open(&path).map_err(io(&path))?;
+        f.read_exact_at(&mut buf, start).map_err(io(&path))?;
+        self.verify_chunk(
+            usize::try_from(start / m.chunk_size).unwrap_or(usize::MAX),
+            &buf,
+        )?;
+        Ok(buf)
+    }
+
+    /// Reads `[start, end)` of the memory file (`start` chunk aligned), verifying every
+    /// chunk, calling `sink(offset, bytes)` for each verified chunk in order (eager restore).
+    pub fn read_memory(
+        &self,
+        start: u64,
+        end: u64,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        use std::io::{Seek, SeekFrom};
+        let path = self.memory_path();
+        let mut f = File::open(&path).map_err(io(&path))?;
+        let m = &self.manifest.memory;
+        let end = end.min(m.size);
+        debug_assert!(start.is_multiple_of(m.chunk_size));
+        f.seek(SeekFrom::Start(start)).map_err(io(&path))?;
+        let chunk_len = usize::try_from(m.chunk_size).unwrap_or(usize::MAX);
+        // Read in batches of chunks (up to 2 MiB) to keep syscalls few.
+        let per_batch = (2 << 20) / chunk_len.max(1);
+        let mut buf = vec![0u8; chunk_len * per_batch.max(1)];
+        let mut offset = start;
+        let mut chunk = usize::try_from(start / m.chunk_size).unwrap_or(0);
+        while offset < end {
+            let want = usize::try_from((end - offset).min(buf.len() as u64)).unwrap_or(0);
+            f.read_exact(&mut buf[..want]).map_err(io(&path))?;
+            for piece in buf[..want].chunks(chunk_len) {
+                self.verify_chunk(chunk, piece)?;
+                sink(offset, piece)?;
+                offset += piece.len() as u64;
+                chunk += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Computes the chunk checksums of a memory image being written, chunk by chunk.
+#[derive(Debug)]
+pub struct ChunkHasher {
+    chunk_size: u64,
+    crcs: Vec<u32>,
+    current: crc32fast::Hasher,
+    filled: u64,
+}
+
+impl ChunkHasher {
+    /// A hasher for chunks of `chunk_size` bytes.
+    pub fn new(chunk_size: u64) -> ChunkHasher {
+        ChunkHasher {
+            chunk_size,
+            crcs: Vec::new(),
+            current: crc32fast::Hasher::new(),
+            filled: 0,
+        }
+    }
+
+    /// Feeds the next bytes.
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let room = usize::try_from(self.chunk_size - self.filled).unwrap_or(usize::MAX);
+            let n = room.min(data.len());
+            self.current.update(&data[..n]);
+            self.filled += n as u64;
+            data = &data[n..];
+            if self.filled == self.chunk_size {
+                let h = std::mem::replace(&mut self.current, crc32fast::Hasher::new());
+                self.crcs.push(h.finalize());
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The checksums, the last (partial) chunk included.
+    pub fn finish(mut self) -> Vec<u32> {
+        if self.filled > 0 {
+            self.crcs.push(self.current.finalize());
+        }
+        self.crcs
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Writes a snapshot to `dir` atomically. `write_memory` receives the open memory file and
+/// returns the chunk checksums of what it wrote (a [`ChunkHasher`]'s). `dir` must not exist.
+pub fn write_atomically(
+    dir: &Path,
+    mut manifest: Manifest,
+    write_memory: impl FnOnce(&mut File) -> Result<Vec<u32>, SnapshotError>,
+) -> Result<(), SnapshotError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    if dir.exists() {
+        return Err(SnapshotError::Io {
+            path: dir.to_path_buf(),
+            err: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; apfvm never overwrites a snapshot",
+            ),
+        });
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(
+        "{name}.tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = (|| {
+        let mem_path = tmp.join(MEMORY);
+        let mut mem = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&mem_path)
+            .map_err(io(&mem_path))?;
+        manifest.memory.crc32 = write_memory(&mut mem)?;
+        mem.sync_all().map_err(io(&mem_path))?;
+        drop(mem);
+        manifest.memory.file = MEMORY.into();
+        manifest.check().map_err(|why| SnapshotError::BadManifest {
+            path: tmp.join(MANIFEST),
+            why,
+        })?;
+        let man_path = tmp.join(MANIFEST);
+        let json = serde_json::to_vec(&manifest).map_err(|e| SnapshotError::BadManifest {
+            path: man_path.clone(),
+            why: e.to_string(),
+        })?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&man_path)
+            .map_err(io(&man_path))?;
+        f.write_all(&json).map_err(io(&man_path))?;
+        f.sync_all().map_err(io(&man_path))?;
+        fsync_dir(&tmp)?;
+        fs::rename(&tmp, dir).map_err(io(dir))?;
+        fsync_dir(&parent)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_hasher_matches_per_chunk_crcs() {
+        let data: Vec<u8> = (0..(3 * CHUNK_SIZE + 100))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut h = ChunkHasher::new(CHUNK_SIZE);
+        for piece in data.chunks(7777) {
+            h.update(piece);
+        }
+        let crcs = h.finish();
+        let expected: Vec<u32> = data
+            .chunks(usize::try_from(CHUNK_SIZE).unwrap())
+            .map(crc32fast::hash)
+            .collect();
+        assert_eq!(crcs, expected);
+    }
+}
