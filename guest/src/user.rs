@@ -8,8 +8,8 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use guest_abi::{
-    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec, checksum_mix,
-    expected_fill_checksum, fill_word, task_state,
+    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec,
+    checksum_mix, expected_fill_checksum, fill_word, task_state,
 };
 
 use crate::sched::{NONCOMPUTE_LEFT, sys, task_counters};
