@@ -138,8 +138,11 @@ fn assert_every_token_answered(r: &RunReport) {
 fn assert_wake_all_after_restore(r: &RunReport) {
     assert_eq!(r.engine.wake_all_queued, 2, "{:?}", r.engine);
     assert_eq!(r.engine.wake_all_delivered, 2, "{:?}", r.engine);
+    // The guest saw the restore's wake-all on every vCPU. It may also take the boot-time
+    // wake-all after the restore: when the snapshot caught that #PF injected but not yet
+    // taken, it sits in the saved vCPU events and is delivered on the first entry.
     for c in &r.cpus {
-        assert_eq!(c.wake_all, 1, "vCPU {}: {c:?}", c.index);
+        assert!((1..=2).contains(&c.wake_all), "vCPU {}: {c:?}", c.index);
     }
 }
 
