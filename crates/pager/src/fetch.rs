@@ -1,8 +1,9 @@
 //! Fetch threads: run [`PageSource::fetch`] off the pager thread, several at once, and hand
 //! the results back (waking the pager through its eventfd).
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,18 +17,46 @@ pub(crate) struct Job {
     pub first: u64,
     pub buf: Vec<u8>,
     pub delay: Duration,
+    /// A prefetch (low priority), not a fault.
+    pub prefetch: bool,
 }
 
 /// A finished fetch.
 pub(crate) struct Done {
     pub first: u64,
+    /// Pages the job asked for.
+    pub pages: u64,
+    pub prefetch: bool,
     pub result: Result<Vec<u8>, SourceError>,
     pub fetch_time: Duration,
     pub delay: Duration,
 }
 
+/// The job queues: faults first; prefetches only while more than one thread is left for
+/// faults (so a fault never waits behind a prefetch for a thread).
+#[derive(Default)]
+struct Queues {
+    high: VecDeque<Job>,
+    low: VecDeque<Job>,
+    busy_low: usize,
+    closed: bool,
+}
+
+struct PoolShared {
+    q: Mutex<Queues>,
+    cv: Condvar,
+    threads: usize,
+}
+
+impl PoolShared {
+    /// Fetch threads that may work on prefetches at once.
+    fn low_limit(&self) -> usize {
+        self.threads.saturating_sub(1).max(1)
+    }
+}
+
 struct Worker {
-    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    pool: Arc<PoolShared>,
     done: mpsc::Sender<Done>,
     source: Arc<dyn PageSource>,
     shared: Arc<Shared>,
@@ -37,14 +66,32 @@ struct Worker {
 impl Worker {
     fn run(self) {
         loop {
-            let job = {
-                let rx = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-                match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return, // the pager is stopping
+            let (job, low) = {
+                let mut q = self.pool.q.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(j) = q.high.pop_front() {
+                        break (j, false);
+                    }
+                    if q.busy_low < self.pool.low_limit()
+                        && let Some(j) = q.low.pop_front()
+                    {
+                        q.busy_low += 1;
+                        break (j, true);
+                    }
+                    if q.closed {
+                        return; // the pager is stopping
+                    }
+                    q = self.pool.cv.wait(q).unwrap_or_else(PoisonError::into_inner);
                 }
             };
             let done = fetch(&*self.source, job, self.retries, &self.shared.stats);
+            if low {
+                let mut q = self.pool.q.lock().unwrap_or_else(PoisonError::into_inner);
+                q.busy_low -= 1;
+                if !q.low.is_empty() {
+                    self.pool.cv.notify_one();
+                }
+            }
             if self.done.send(done).is_err() {
                 return;
             }
@@ -59,8 +106,10 @@ pub(crate) fn fetch(source: &dyn PageSource, job: Job, retries: u32, stats: &Sta
         first,
         mut buf,
         delay,
+        prefetch,
     } = job;
     let t0 = Instant::now();
+    let pages = (buf.len() / crate::uffd::PAGE_SIZE) as u64;
     let mut attempt = 0;
     let result = loop {
         match source.fetch(first, &mut buf) {
@@ -75,6 +124,8 @@ pub(crate) fn fetch(source: &dyn PageSource, job: Job, retries: u32, stats: &Sta
     };
     Done {
         first,
+        pages,
+        prefetch,
         result,
         fetch_time: t0.elapsed(),
         delay,
@@ -83,7 +134,7 @@ pub(crate) fn fetch(source: &dyn PageSource, job: Job, retries: u32, stats: &Sta
 
 /// The fetch threads (none when fetching on the pager thread).
 pub(crate) struct FetchPool {
-    jobs: Option<mpsc::Sender<Job>>,
+    pool: Option<Arc<PoolShared>>,
     done: mpsc::Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -99,21 +150,24 @@ impl FetchPool {
         let (done_tx, done) = mpsc::channel::<Done>();
         if threads == 0 {
             return Ok(Self {
-                jobs: None,
+                pool: None,
                 done,
                 workers: Vec::new(),
             });
         }
-        let (job_tx, job_rx) = mpsc::channel::<Job>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
+        let ps = Arc::new(PoolShared {
+            q: Mutex::new(Queues::default()),
+            cv: Condvar::new(),
+            threads,
+        });
         let mut pool = Self {
-            jobs: Some(job_tx),
+            pool: Some(Arc::clone(&ps)),
             done,
             workers: Vec::new(),
         };
         for i in 0..threads {
             let w = Worker {
-                jobs: Arc::clone(&job_rx),
+                pool: Arc::clone(&ps),
                 done: done_tx.clone(),
                 source: Arc::clone(source),
                 shared: Arc::clone(shared),
@@ -133,12 +187,29 @@ impl FetchPool {
         Ok(pool)
     }
 
-    /// Hands `job` to a fetch thread; gives it back when there is none (fetch it inline).
-    pub fn submit(&self, job: Job) -> Option<Job> {
-        match &self.jobs {
-            Some(tx) => tx.send(job).err().map(|mpsc::SendError(job)| job),
-            None => Some(job),
+    /// True when fetches run on fetch threads (false: the caller fetches inline).
+    pub fn has_threads(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Hands `job` to a fetch thread (`prefetch`: low priority, behind every fault);
+    /// gives it back when there is none (fetch it inline).
+    pub fn submit(&self, job: Job, prefetch: bool) -> Option<Job> {
+        let Some(p) = &self.pool else {
+            return Some(job);
+        };
+        let mut q = p.q.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.closed {
+            return Some(job);
         }
+        if prefetch {
+            q.low.push_back(job);
+        } else {
+            q.high.push_back(job);
+        }
+        drop(q);
+        p.cv.notify_one();
+        None
     }
 
     /// A finished fetch, if any.
@@ -146,9 +217,16 @@ impl FetchPool {
         self.done.try_recv().ok()
     }
 
-    /// Closes the job queue and joins the threads (each finishes its current fetch).
+    /// Closes the job queues and joins the threads (each finishes its current fetch).
     pub fn shutdown(&mut self) {
-        self.jobs = None;
+        if let Some(p) = self.pool.take() {
+            let mut q = p.q.lock().unwrap_or_else(PoisonError::into_inner);
+            q.closed = true;
+            q.high.clear();
+            q.low.clear();
+            drop(q);
+            p.cv.notify_all();
+        }
         for w in self.workers.drain(..) {
             if w.join().is_err() {
                 tracing::error!("a pager fetch thread panicked");

@@ -28,6 +28,7 @@
 //!   missing; vCPUs blocked on it leave `KVM_RUN` with EINTR when kicked. Stop the pager
 //!   only after the vCPUs: closing the userfaultfd turns missing pages into zero pages.
 
+pub mod nbd;
 pub mod uffd;
 
 mod error;
@@ -36,6 +37,7 @@ mod fetch;
 mod latency;
 mod observer;
 mod pager;
+mod prefetch;
 mod region;
 mod source;
 mod stats;
@@ -43,8 +45,10 @@ mod verify;
 
 pub use error::PagerError;
 pub use latency::{FetchLatency, LatencySampler, ParseLatencyError, parse_duration};
+pub use nbd::{NbdSource, NbdSourceConfig, NbdUrl};
 pub use observer::{ChannelObserver, FaultEvent, NoopObserver, PagerEvent, PagerObserver};
 pub use pager::{Pager, PagerConfig, PagerHandle};
+pub use prefetch::{ParsePrefetchError, Prefetch};
 pub use region::GuestRegion;
 pub use source::{FileSource, PageSource, SourceError, VecSource, ZeroSource};
 pub use stats::{LatencySummary, PagerStats};

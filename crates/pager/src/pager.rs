@@ -13,6 +13,7 @@ use crate::fault_loop::FaultLoop;
 use crate::fetch::FetchPool;
 use crate::latency::{FetchLatency, LatencySampler};
 use crate::observer::PagerObserver;
+use crate::prefetch::Prefetch;
 use crate::region::{GuestRegion, ResidentMap, validate};
 use crate::source::PageSource;
 use crate::stats::{PagerStats, Stats};
@@ -35,6 +36,8 @@ pub struct PagerConfig {
     /// A failed fetch (I/O error, checksum mismatch) is retried this many times before it is
     /// reported through `on_error`.
     pub fetch_retries: u32,
+    /// What to fetch besides faulted pages (see [`Prefetch`]).
+    pub prefetch: Prefetch,
 }
 
 impl Default for PagerConfig {
@@ -44,6 +47,7 @@ impl Default for PagerConfig {
             seed: 0x5eed_0fa9,
             fetch_threads: None,
             fetch_retries: 1,
+            prefetch: Prefetch::None,
         }
     }
 }
@@ -144,6 +148,7 @@ impl PagerHandle {
 #[derive(Debug)]
 pub struct Pager {
     shared: Arc<Shared>,
+    source: Arc<dyn PageSource>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -202,16 +207,18 @@ impl Pager {
             source = %source.describe(),
             latency = %config.latency,
             fetch_threads,
+            prefetch = %config.prefetch,
             "pager started"
         );
         let fault_loop = FaultLoop::new(
             uffd,
             Arc::clone(&shared),
             observer,
-            source,
+            Arc::clone(&source),
             pool,
             LatencySampler::new(config.latency, config.seed),
             config.fetch_retries,
+            config.prefetch,
         );
         let thread = std::thread::Builder::new()
             .name("pager".into())
@@ -219,6 +226,7 @@ impl Pager {
             .map_err(PagerError::Spawn)?;
         Ok(Self {
             shared,
+            source,
             thread: Some(thread),
         })
     }
@@ -260,6 +268,8 @@ impl Pager {
     fn stop_inner(&mut self) {
         if let Some(t) = self.thread.take() {
             self.shared.stop.store(true, Ordering::Release);
+            // Fetch threads waiting for a server that is away give up (they are joined).
+            self.source.cancel();
             self.shared.wake();
             if t.join().is_err() {
                 tracing::error!("the pager thread panicked");

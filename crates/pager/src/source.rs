@@ -2,8 +2,8 @@
 //!
 //! A source is indexed by **guest page number** (`gpa / 4096`). The pager fetches in units
 //! of [`PageSource::unit_pages`] aligned pages, from several fetch threads at once, so a
-//! remote source (NBD, later) can keep several requests in flight; a source verified per
-//! chunk ([`crate::VerifiedSource`]) makes its chunk the unit.
+//! remote source ([`crate::nbd::NbdSource`]) can keep several requests in flight; a source
+//! verified per chunk ([`crate::VerifiedSource`]) makes its chunk the unit.
 
 use std::fmt;
 use std::fs::File;
@@ -125,6 +125,10 @@ pub trait PageSource: Send + Sync + fmt::Debug {
 
     /// A short description for logs and errors (a path, a URL).
     fn describe(&self) -> String;
+
+    /// The pager is stopping: a fetch waiting for something that may never come (a remote
+    /// server to come back) should give up now. Local sources ignore it.
+    fn cancel(&self) {}
 }
 
 impl<S: PageSource + ?Sized> PageSource for Arc<S> {
@@ -143,6 +147,9 @@ impl<S: PageSource + ?Sized> PageSource for Arc<S> {
     fn describe(&self) -> String {
         (**self).describe()
     }
+    fn cancel(&self) {
+        (**self).cancel();
+    }
 }
 
 impl<S: PageSource + ?Sized> PageSource for Box<S> {
@@ -160,6 +167,9 @@ impl<S: PageSource + ?Sized> PageSource for Box<S> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn cancel(&self) {
+        (**self).cancel();
     }
 }
 

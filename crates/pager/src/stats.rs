@@ -81,6 +81,15 @@ pub struct PagerStats {
     pub requested_fetches: u64,
     /// Fetch attempts that failed and were retried.
     pub fetch_retries: u64,
+    /// Prefetch jobs started (each one or more consecutive units).
+    pub prefetch_fetches: u64,
+    /// Pages mapped by a prefetch before any fault on them.
+    pub prefetched_pages: u64,
+    /// Faults on a unit whose prefetch was in flight (it got a fetch of its own).
+    pub prefetch_hits: u64,
+    /// Time from the pager's start until every page was present (`None`: not yet; with
+    /// `--prefetch fill`, "resident at T").
+    pub fully_resident_ns: Option<u64>,
     /// Fetches that failed for good (reported through `on_error`).
     pub fetch_errors: u64,
     /// Pages mapped by UFFDIO_COPY.
@@ -111,6 +120,10 @@ pub(crate) struct Stats {
     pub fetches: AtomicU64,
     pub requested_fetches: AtomicU64,
     pub fetch_retries: AtomicU64,
+    pub prefetch_fetches: AtomicU64,
+    pub prefetched_pages: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub fully_resident_ns: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub pages_copied: AtomicU64,
     pub eexist: AtomicU64,
@@ -146,6 +159,10 @@ impl Stats {
             fetches: AtomicU64::new(0),
             requested_fetches: AtomicU64::new(0),
             fetch_retries: AtomicU64::new(0),
+            prefetch_fetches: AtomicU64::new(0),
+            prefetched_pages: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            fully_resident_ns: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             pages_copied: AtomicU64::new(0),
             eexist: AtomicU64::new(0),
@@ -174,6 +191,10 @@ impl Stats {
             fetches: g(&self.fetches),
             requested_fetches: g(&self.requested_fetches),
             fetch_retries: g(&self.fetch_retries),
+            prefetch_fetches: g(&self.prefetch_fetches),
+            prefetched_pages: g(&self.prefetched_pages),
+            prefetch_hits: g(&self.prefetch_hits),
+            fully_resident_ns: Some(g(&self.fully_resident_ns)).filter(|&t| t > 0),
             fetch_errors: g(&self.fetch_errors),
             pages_copied: g(&self.pages_copied),
             eexist: g(&self.eexist),

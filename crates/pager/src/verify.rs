@@ -113,11 +113,10 @@ impl<S: PageSource> VerifiedSource<S> {
         &self.inner
     }
 
-    /// Fetches chunk `chunk` (clipped to the source's end) into `buf` and verifies it;
-    /// `page` is the page the caller wanted (for the error).
-    fn fetch_chunk(&self, chunk: u64, page: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+    /// Verifies chunk `chunk` held in `buf`; `page` is the page the caller wanted (for the
+    /// error).
+    fn verify(&self, chunk: u64, page: u64, buf: &[u8]) -> Result<(), SourceError> {
         let first_page = chunk * self.chunk_pages;
-        self.inner.fetch(first_page, buf)?;
         let expected = self.checksums[usize::try_from(chunk).expect("chunk index fits usize")];
         let actual = chunk_checksum(buf);
         if actual != expected {
@@ -131,6 +130,12 @@ impl<S: PageSource> VerifiedSource<S> {
             });
         }
         Ok(())
+    }
+
+    /// Fetches chunk `chunk` (clipped to the source's end) into `buf` and verifies it.
+    fn fetch_chunk(&self, chunk: u64, page: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.inner.fetch(chunk * self.chunk_pages, buf)?;
+        self.verify(chunk, page, buf)
     }
 }
 
@@ -156,9 +161,21 @@ impl<S: PageSource> PageSource for VerifiedSource<S> {
             let c_len = usize::try_from((c_end - c_first) * PAGE_SIZE_U64).expect("chunk fits");
             let off = usize::try_from((page - first) * PAGE_SIZE_U64).expect("fits");
             if c_first == page && c_end <= end {
-                // The request covers the whole chunk: verify in place.
-                self.fetch_chunk(chunk, page, &mut buf[off..off + c_len])?;
-                page = c_end;
+                // Whole chunks from here: one fetch for all of them (one request, or a few
+                // pipelined ones, from a remote source), then verify each.
+                let mut run_end = c_end;
+                while run_end < end && (run_end + self.chunk_pages).min(page_count) <= end {
+                    run_end = (run_end + self.chunk_pages).min(page_count);
+                }
+                let run_len = usize::try_from((run_end - page) * PAGE_SIZE_U64).expect("fits");
+                let run = &mut buf[off..off + run_len];
+                self.inner.fetch(page, run)?;
+                let chunk_len = usize::try_from(self.chunk_pages * PAGE_SIZE_U64).expect("fits");
+                for (i, piece) in run.chunks(chunk_len).enumerate() {
+                    let c = chunk + i as u64;
+                    self.verify(c, c * self.chunk_pages, piece)?;
+                }
+                page = run_end;
             } else {
                 // Part of a chunk: fetch and verify all of it, hand out the part asked for.
                 scratch.resize(c_len, 0);
@@ -175,6 +192,10 @@ impl<S: PageSource> PageSource for VerifiedSource<S> {
 
     fn is_fast(&self) -> bool {
         self.inner.is_fast()
+    }
+
+    fn cancel(&self) {
+        self.inner.cancel();
     }
 
     fn describe(&self) -> String {
@@ -216,6 +237,13 @@ mod tests {
         let mut buf = vec![0u8; 2 * PAGE_SIZE];
         v.fetch(8, &mut buf).unwrap();
         assert_eq!(buf, d[8 * PAGE_SIZE..]);
+        // Several whole chunks (the last one short) in one fetch, and a head + whole chunks.
+        let mut buf = vec![0u8; 10 * PAGE_SIZE];
+        v.fetch(0, &mut buf).unwrap();
+        assert_eq!(buf, d);
+        let mut buf = vec![0u8; 7 * PAGE_SIZE];
+        v.fetch(3, &mut buf).unwrap();
+        assert_eq!(buf, d[3 * PAGE_SIZE..]);
     }
 
     #[test]
@@ -225,6 +253,19 @@ mod tests {
         let mut bad = d.clone();
         bad[5 * PAGE_SIZE + 17] ^= 1;
         let v = VerifiedSource::new(VecSource::new(bad), 4 * PAGE_SIZE, sums).unwrap();
+        let mut two = vec![0u8; 8 * PAGE_SIZE];
+        let e = v.fetch(0, &mut two).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SourceError::ChecksumMismatch {
+                    page: 4,
+                    chunk: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut buf = vec![0u8; PAGE_SIZE];
         v.fetch(0, &mut buf).unwrap();
         let e = v.fetch(6, &mut buf).unwrap_err();

@@ -1,0 +1,153 @@
+//! Prefetch policies: what the pager fetches besides faulted pages.
+//!
+//! - `none`: faulted units only.
+//! - `readahead`: sequential readahead with an adaptive window. A fault on the unit right
+//!   after the previous fault's, or inside (or just past) the window queued last, is
+//!   sequential: the window doubles (up to [`READAHEAD_MAX_UNITS`]) and the units after the
+//!   fault up to the window are queued. Any other fault halves it (down to none) and drops
+//!   what was queued for the old stream.
+//! - `fill`: streams every page not yet present, in address order, until the guest is
+//!   fully resident (reported as [`crate::PagerStats::fully_resident_ns`]).
+//!
+//! Prefetches are low priority: they wait in the pager's queue (at most
+//! [`PREFETCH_DEPTH`] jobs submitted at once), a fetch thread takes one only while another
+//! is left for faults, a fault always goes ahead of every queued prefetch, and a fault on a
+//! unit whose prefetch is still queued gets its own high-priority fetch.
+
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+/// The prefetch policy of a pager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum Prefetch {
+    /// Faulted units only.
+    #[default]
+    None,
+    /// Sequential readahead with an adaptive window.
+    Readahead,
+    /// Background fill of every page not yet present.
+    Fill,
+}
+
+impl fmt::Display for Prefetch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Prefetch::None => "none",
+            Prefetch::Readahead => "readahead",
+            Prefetch::Fill => "fill",
+        })
+    }
+}
+
+/// A `--prefetch` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad prefetch policy {0:?}: expected none, readahead or fill")]
+pub struct ParsePrefetchError(String);
+
+impl FromStr for Prefetch {
+    type Err = ParsePrefetchError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "none" | "off" => Ok(Prefetch::None),
+            "readahead" => Ok(Prefetch::Readahead),
+            "fill" => Ok(Prefetch::Fill),
+            _ => Err(ParsePrefetchError(s.to_string())),
+        }
+    }
+}
+
+/// Readahead window at the start, in fetch units.
+pub const READAHEAD_INITIAL_UNITS: u64 = 4;
+/// Largest readahead window, in fetch units (4 MiB of 64 KiB chunks).
+pub const READAHEAD_MAX_UNITS: u64 = 64;
+/// Prefetch jobs submitted to the fetch threads at once (1 when fetching inline).
+pub const PREFETCH_DEPTH: usize = 8;
+/// Units in one prefetch job with fetch threads (a remote source: fewer, larger requests).
+pub const BATCH_UNITS_THREADS: u64 = 16;
+/// Units in one prefetch job fetched inline on the pager thread (a fault waits at most one).
+pub const BATCH_UNITS_INLINE: u64 = 4;
+
+/// The adaptive readahead window, in unit indexes (`first page / unit pages`).
+#[derive(Debug)]
+pub(crate) struct Readahead {
+    window: u64,
+    last: Option<u64>,
+    /// Units `[start, end)` were queued by the last sequential step.
+    start: u64,
+    end: u64,
+}
+
+impl Readahead {
+    pub fn new() -> Self {
+        Self {
+            window: READAHEAD_INITIAL_UNITS,
+            last: None,
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// A fault on unit `u` (fetch started or joined). Returns whether the fault was
+    /// sequential and the units to queue.
+    pub fn on_fault(&mut self, u: u64) -> (bool, Range<u64>) {
+        let sequential =
+            self.last.is_some_and(|l| u == l + 1) || (u >= self.start && u <= self.end);
+        self.last = Some(u);
+        if sequential {
+            self.window = (self.window * 2).clamp(1, READAHEAD_MAX_UNITS);
+        } else {
+            self.window /= 2;
+            self.end = u + 1;
+        }
+        let from = self.end.max(u + 1);
+        let to = u + 1 + self.window;
+        self.start = u;
+        self.end = self.end.max(to);
+        (sequential, from..to.max(from))
+    }
+
+    #[cfg(test)]
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_grows_on_sequential_faults_and_shrinks_otherwise() {
+        let mut r = Readahead::new();
+        let (seq, q) = r.on_fault(100);
+        assert!(!seq);
+        assert_eq!(q, 101..103, "first fault: half the initial window");
+        // The stream goes on: faults at the end of what was queued.
+        let (seq, q) = r.on_fault(103);
+        assert!(seq);
+        assert_eq!(q, 104..108);
+        let (_, q) = r.on_fault(108);
+        assert_eq!(q, 109..117);
+        for _ in 0..10 {
+            let u = r.end;
+            r.on_fault(u);
+        }
+        assert_eq!(r.window(), READAHEAD_MAX_UNITS);
+        // Random faults halve it down to nothing.
+        for u in [5, 900, 17, 4000, 33, 70_000, 2] {
+            r.on_fault(u);
+        }
+        assert_eq!(r.window(), 0);
+        let (_, q) = r.on_fault(10_000);
+        assert!(q.is_empty());
+        // Two consecutive faults restart it.
+        let (seq, q) = r.on_fault(10_001);
+        assert!(seq);
+        assert_eq!(q, 10_002..10_003);
+        assert_eq!("fill".parse::<Prefetch>().unwrap(), Prefetch::Fill);
+        assert!("more".parse::<Prefetch>().is_err());
+    }
+}
