@@ -11,6 +11,7 @@
 
 mod apf;
 mod console;
+mod hostile;
 mod sched;
 mod selftest;
 mod trap;

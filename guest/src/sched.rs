@@ -194,6 +194,12 @@ static USTACKS: Global<Stacks<USTACK_SIZE>> = Global::new(Stacks([[0; USTACK_SIZ
 pub static TASK_STATE: [AtomicU32; MAX_TASKS] = [const { AtomicU32::new(0) }; MAX_TASKS];
 /// Per vCPU: its tasks asleep on a not-present token.
 pub static ASLEEP: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per vCPU: a task just woken from an APF sleep, to run before the round robin goes on
+/// ([`NO_TASK`]: none). A woken task preempts at once (its page is in); picking it rather
+/// than the next in turn keeps a faulting task from waiting a whole round per page.
+pub static WAKE_NEXT: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(NO_TASK) }; MAX_CPUS];
+/// [`WAKE_NEXT`]: no task.
+pub const NO_TASK: u32 = u32::MAX;
 /// Tasks not yet done, over all vCPUs.
 pub static TASKS_LEFT: AtomicU32 = AtomicU32::new(0);
 /// Tasks other than `Compute` not yet done (compute tasks with duration 0 run until it is 0;
@@ -311,6 +317,7 @@ pub fn make_runnable(t: u32, from: u32) -> bool {
     let cpu = unsafe { (*task_ptr(t)).cpu };
     TASK_STATE[t as usize].store(state::RUNNABLE, Ordering::Release);
     ASLEEP[cpu as usize].fetch_sub(1, Ordering::Relaxed);
+    WAKE_NEXT[cpu as usize & (MAX_CPUS - 1)].store(t, Ordering::Release);
     if cpu != from {
         lapic::ipi(cpu, VEC_RESCHED);
     }
@@ -406,6 +413,10 @@ fn syscall(c: &mut Cpu, fr: &mut Frame) -> bool {
             fr.rax = 0;
             false
         }
+        crate::hostile::SYS_HOSTILE => {
+            fr.rax = crate::hostile::syscall(c, fr.rdi, fr.rsi);
+            false
+        }
         sys::SNAPSHOT => {
             #[allow(clippy::cast_possible_truncation)] // the tag is a u32 by contract
             outl(port::SNAPSHOT, fr.rdi as u32);
@@ -441,6 +452,14 @@ fn schedule(c: &mut Cpu, f: *mut Frame) -> *mut Frame {
         unsafe { (*task_ptr(cur)).frame = f };
     }
     let n = c.ntasks;
+    let woken = WAKE_NEXT[c.id as usize & (MAX_CPUS - 1)].swap(NO_TASK, Ordering::AcqRel);
+    if TASK_STATE
+        .get(woken as usize)
+        .is_some_and(|st| st.load(Ordering::Acquire) == state::RUNNABLE)
+    {
+        // The round robin goes on after the task that was running.
+        return switch_to(c, woken);
+    }
     let mut i = c.rr;
     for _ in 0..n {
         i += 1;

@@ -8,8 +8,8 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use guest_abi::{
-    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec,
-    checksum_mix, expected_fill_checksum, fill_word, task_state,
+    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, COMPUTE_HOLD_GPA, SCAN_FILL, SCAN_SNAPSHOT, TaskKind,
+    TaskSpec, checksum_mix, expected_fill_checksum, fill_word, task_state,
 };
 
 use crate::sched::{NONCOMPUTE_LEFT, sys, task_counters};
@@ -89,6 +89,7 @@ pub extern "C" fn task_entry(t: u64) -> ! {
     let code = match TaskKind::from_raw(spec.kind) {
         Some(TaskKind::Compute) => compute(t, &spec),
         Some(TaskKind::Scan) => scan(t, &spec),
+        Some(TaskKind::Hostile) => crate::hostile::task(t, &spec),
         _ => EXIT_BAD_KIND,
     };
     sys_exit(code)
@@ -129,7 +130,10 @@ fn compute(t: u32, spec: &TaskSpec) -> u32 {
         n += chunk;
         publish_work(t, n);
         let done = if deadline == 0 {
+            // SAFETY: COMPUTE_HOLD_GPA is a u64 in the (identity-mapped, user-accessible)
+            // boot info page, written only by the VMM.
             NONCOMPUTE_LEFT.load(Ordering::Acquire) == 0
+                && unsafe { read_volatile(COMPUTE_HOLD_GPA as *const u64) } == 0
         } else {
             rdtsc() >= deadline
         };

@@ -43,6 +43,12 @@ pub const KERNEL_MIN_GPA: u64 = 0x20_0000;
 pub const KERNEL_END_GPA: u64 = 0x100_0000;
 /// First byte of memory given to workloads.
 pub const WORKLOAD_GPA: u64 = 0x100_0000;
+/// A `u64` the VMM may set (non-zero) before it starts or resumes the guest, in the last
+/// 8 bytes of the [`BootInfo`] page: while it is non-zero, compute tasks of duration 0 keep
+/// running after every other task finished; the VMM clears it to let them end. `apfvm bench`
+/// uses it so every mode computes for at least its measurement window. Zero (the default)
+/// changes nothing.
+pub const COMPUTE_HOLD_GPA: u64 = BOOT_INFO_GPA + 4096 - 8;
 /// The xAPIC's MMIO page.
 pub const LAPIC_GPA: u64 = 0xfee0_0000;
 
@@ -86,7 +92,27 @@ pub enum TaskKind {
     Scan = 2,
     /// Writes every class of invalid and valid APF MSR value and checks the answers.
     MsrSelftest = 3,
+    /// A hostile-guest case (`arg0` = index into [`HOSTILE_CASES`]): misuses the APF
+    /// interface and checks the host's answer; exit code = failed checks.
+    Hostile = 4,
 }
+
+/// The hostile-guest cases, by `TaskSpec::arg0` of a [`TaskKind::Hostile`] task
+/// (`apfvm run --workload hostile:<name>`; `docs/reliability.md`).
+pub const HOSTILE_CASES: [&str; 12] = [
+    "area-outside-ram",
+    "area-straddles-ram-end",
+    "area-mmio",
+    "area-unaligned",
+    "area-overlap",
+    "toggle",
+    "reenable",
+    "no-ack",
+    "ack-idle",
+    "int-change",
+    "same-page",
+    "flood",
+];
 
 impl TaskKind {
     /// Decodes [`TaskSpec::kind`].
@@ -95,6 +121,7 @@ impl TaskKind {
             1 => Some(TaskKind::Compute),
             2 => Some(TaskKind::Scan),
             3 => Some(TaskKind::MsrSelftest),
+            4 => Some(TaskKind::Hostile),
             _ => None,
         }
     }
@@ -195,6 +222,7 @@ pub struct TaskCounters {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[repr(C)]
 pub struct CpuCounters {
     /// Protocol the guest enabled: 0 none, 1 v1, 2 v2.
@@ -289,7 +317,7 @@ pub const fn expected_fill_checksum(start: u64, len: u64) -> u64 {
     acc
 }
 
-const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= COMPUTE_HOLD_GPA - BOOT_INFO_GPA);
 const _: () = assert!(core::mem::size_of::<Counters>() <= 2 * 4096);
 const _: () = assert!(COUNTERS_GPA + 2 * 4096 <= VMM_RESERVED_GPA);
 const _: () = assert!(BOOT_STACKS_GPA + MAX_CPUS as u64 * BOOT_STACK_SIZE <= KERNEL_MIN_GPA);

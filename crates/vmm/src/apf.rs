@@ -84,7 +84,11 @@ impl Apf {
     ) -> Result<Apf> {
         let n = kickers.len();
         let ram_size = ram.size();
-        let config = EngineConfig::new(features, n, RamMap::new(std::iter::once(0..ram.size())));
+        let mut config =
+            EngineConfig::new(features, n, RamMap::new(std::iter::once(0..ram.size())));
+        if let Some(limit) = crate::hostile::max_outstanding_override() {
+            config.max_outstanding_per_vcpu = limit;
+        }
         Ok(Apf {
             engine: Mutex::new(Engine::new(config)),
             ram,
@@ -135,8 +139,13 @@ impl Apf {
                 });
             }
         }
-        self.drain(&mut engine, vcpu);
+        let inject = self.drain(&mut engine, vcpu);
         self.flag_pending(&engine);
+        if let Some((cr2, error_code)) = inject
+            && let Err(e) = vcpu.inject_pf(cr2, error_code)
+        {
+            tracing::error!(%e, "#PF injection failed");
+        }
         Ok(())
     }
 
@@ -160,9 +169,17 @@ impl Apf {
         if self.has_mail[i].load(Ordering::Acquire) || self.has_fault(i) {
             return true;
         }
-        if !self.maybe_pending[i].load(Ordering::Acquire)
-            || self.now_us() < self.retry_at_us[i].load(Ordering::Relaxed)
-        {
+        if !self.maybe_pending[i].load(Ordering::Acquire) {
+            return false;
+        }
+        let (now, retry_at) = (self.now_us(), self.retry_at_us[i].load(Ordering::Relaxed));
+        if now < retry_at {
+            // Too early for a new window. Make sure a kick comes at `retry_at`: the kick
+            // that brought us here may have been one scheduled before the window that set
+            // `retry_at` (one delayed kick per vCPU covers later ones), and a vCPU that
+            // never exits (CPL 3 code, `hlt` in the guest) would then never retry.
+            self.delayed
+                .kick_after(&self.kickers[i], Duration::from_micros(retry_at - now));
             return false;
         }
         let engine = lock(&self.engine);
@@ -176,7 +193,7 @@ impl Apf {
     /// Opens a delivery window on `vcpu`. Call only when no instruction completion is
     /// pending (after an `EINTR` exit), so an injected #PF cannot merge with a #GP that a
     /// pending `wrmsr` completion would raise.
-    pub fn window(&self, vcpu: &Vcpu) -> Result<()> {
+    pub fn window(&self, vcpu: &mut Vcpu) -> Result<()> {
         let i = vcpu.index() as usize;
         self.windows.fetch_add(1, Ordering::Relaxed);
         if self.has_mail[i].swap(false, Ordering::AcqRel) {
@@ -222,8 +239,11 @@ impl Apf {
             .unwrap_or(Delivery::Nothing);
         tracing::debug!(?outcome, ?state, "delivery window");
         self.note_delivery(outcome);
-        self.drain(&mut engine, vcpu);
+        let inject = self.drain(&mut engine, vcpu);
         self.flag_pending(&engine);
+        if let Some((cr2, error_code)) = inject {
+            vcpu.inject_pf_now(cr2, error_code)?;
+        }
         if engine.pending_delivery(i) {
             // Held, or more to deliver once the guest has consumed this one: come back later.
             let delay = u64::try_from(RETRY_DELAY.as_micros()).unwrap_or(u64::MAX);
@@ -237,8 +257,10 @@ impl Apf {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Carries out every drained action, in order.
-    fn drain(&self, engine: &mut Engine, current: &Vcpu) {
+    /// Carries out every drained action, in order, but the first #PF for `current`: that one
+    /// is returned for the caller to inject (through `kvm_run` when it can).
+    fn drain(&self, engine: &mut Engine, current: &Vcpu) -> Option<(u64, u32)> {
+        let mut inject = None;
         while let Some(action) = engine.poll_action() {
             tracing::debug!(?action, "engine action");
             match action {
@@ -252,10 +274,8 @@ impl Apf {
                     cr2,
                     error_code,
                 } => {
-                    if vcpu == current.index() as usize {
-                        if let Err(e) = current.inject_pf(cr2, error_code) {
-                            tracing::error!(%e, "#PF injection failed");
-                        }
+                    if vcpu == current.index() as usize && inject.is_none() {
+                        inject = Some((cr2, error_code));
                     } else {
                         lock(&self.mail[vcpu]).push((cr2, error_code));
                         self.has_mail[vcpu].store(true, Ordering::Release);
@@ -270,6 +290,7 @@ impl Apf {
                 }
             }
         }
+        inject
     }
 
     /// The APF MSRs of every vCPU, for a snapshot.

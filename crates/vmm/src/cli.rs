@@ -29,6 +29,88 @@ pub enum Command {
     /// Restore a snapshot (eagerly, or lazily with userfaultfd and userspace APF) and run the
     /// guest to its exit.
     Restore(RestoreArgs),
+    /// What asynchronous page faults buy: snapshot the bundled guest, restore it in every
+    /// mode side by side, print one table (well under a minute; needs /dev/kvm).
+    Demo(DemoArgs),
+    /// Sweep fetch latency × tasks per vCPU × vCPUs × modes; write JSON (and an SVG plot).
+    Bench(BenchArgs),
+}
+
+/// `apfvm demo` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+The guest: per vCPU one scan task over cold memory and --tasks-per-vcpu - 1 compute tasks.
+It is snapshotted (in a temporary directory, removed at the end) right after the scans' fill
+pass, once booted with APF v1 and once with v2, then restored in each mode, the modes
+interleaved, --repeats times each. The restored scans re-read their memory (checksums
+verified: any mismatch fails the demo) while the compute tasks count loop iterations.
+
+Columns: work = compute iterations in the first --window after the restore (median);
+×eager, ×off = that over eager's and off's; scan ms = restore → every scan done; faults =
+userfaultfd messages; APFs = not-present APFs the guest received; fault→APF = uffd message
+→ #PF injected (userspace APF); sync fallbacks = faults the engine left synchronous.
+
+Exit status: 0; 125 when something fails (no /dev/kvm, a run failed or was inconsistent).")]
+pub struct DemoArgs {
+    /// Added delay per 64 KiB fetch (0, 100us, 1ms, ...).
+    #[arg(long, default_value = "1ms")]
+    pub fetch_latency: String,
+    /// Restores per mode (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Tasks per vCPU: one scan, the rest compute.
+    #[arg(long, default_value_t = 4)]
+    pub tasks_per_vcpu: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Modes to compare (comma list).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::bench::Mode::ALL)]
+    pub modes: Vec<crate::bench::Mode>,
+    /// The window in which compute work is counted.
+    #[arg(long, default_value = "250ms")]
+    pub window: String,
+    /// Cold memory each vCPU's scan reads (K/M suffix).
+    #[arg(long, default_value = "4M")]
+    pub scan_size: String,
+    /// Write every row (medians, spread, each repeat) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `apfvm bench` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Full sweep: fetch latency 0, 100us, 1ms, 5ms × tasks per vCPU 1, 2, 4, 8 × vCPUs 1, 2 ×
+modes, 3 repeats (a few minutes). --quick: latency 0 and 1ms × 1 and 4 tasks × 1 vCPU, one
+repeat, a 150 ms window (CI). The JSON has metadata and a \"runs\" array, one element per
+point (medians, min/max, every repeat). --plot draws compute work against fetch latency,
+one line per mode, for 1 vCPU and 4 tasks per vCPU.")]
+pub struct BenchArgs {
+    /// Write the results here.
+    #[arg(long)]
+    pub json: PathBuf,
+    /// Draw an SVG plot here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// The reduced sweep (about a minute or less).
+    #[arg(long)]
+    pub quick: bool,
+    /// Repeats per point (default 3; 1 with --quick).
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Modes (comma list).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::bench::Mode::MAIN)]
+    pub modes: Vec<crate::bench::Mode>,
+    /// The window in which compute work is counted (the full sweep's).
+    #[arg(long, default_value = "250ms")]
+    pub window: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// `apfvm snapshot` options.
@@ -63,8 +145,12 @@ pub struct SnapshotArgs {
 pub enum RestoreApf {
     /// Missing pages touched at CPL 3 become asynchronous page faults (userspace APF).
     On,
-    /// Never inject: every missing page stalls its vCPU until it arrives.
+    /// Never inject: every missing page stalls its vCPU until it arrives (the vCPU thread
+    /// sleeps in the kernel's userfaultfd handling; no interrupt gets in).
     Off,
+    /// Never inject, with in-kernel `hlt`: KVM faults the page in a kworker and parks the
+    /// vCPU in its "APF halt", which lets interrupts (the guest's timer) in.
+    OffHalt,
     /// KVM's own in-kernel APF on the same userfaultfd memory (v2 guests only): the
     /// baseline stock KVM gives QEMU postcopy and Firecracker's UFFD restore.
     Kernel,
@@ -87,7 +173,13 @@ Examples:
   apfvm restore /tmp/snap
   apfvm restore /tmp/snap --lazy --fetch-latency 20ms --json out.json
   apfvm restore /tmp/snap --lazy --apf off --fetch-latency 1ms
-  apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms")]
+  apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms
+  apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill
+
+MEMORY SOURCE: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH, an NBD export of
+the snapshot's memory.raw (`apfvm snapshot` prints the qemu-nbd command); every chunk is
+still verified against the manifest. A dropped connection reconnects with backoff; a server
+away for --source-deadline stops the VM with an error. See docs/remote-memory.md.")]
 pub struct RestoreArgs {
     /// The snapshot directory.
     pub dir: PathBuf,
@@ -116,6 +208,22 @@ pub struct RestoreArgs {
     /// With --snapshot-out: snapshot this long after the restore.
     #[arg(long)]
     pub snapshot_at: Option<String>,
+    /// Guest memory from this NBD export instead of the snapshot's memory file (see MEMORY
+    /// SOURCE).
+    #[arg(long)]
+    pub memory_source: Option<String>,
+    /// With --memory-source: a server unreachable this long ends the VM with an error.
+    #[arg(long, default_value = "10s")]
+    pub source_deadline: String,
+    /// Prefetch (lazy restores): none, readahead (sequential, adaptive window) or fill
+    /// (stream every page not yet present in the background until fully resident).
+    #[arg(long, default_value = "none", value_parser = ["none", "readahead", "fill"])]
+    pub prefetch: String,
+    /// Outstanding APFs allowed per vCPU before a fault is served synchronously (default
+    /// 64, Linux's ASYNC_PF_PER_VCPU); lower it to flood the limit with the guest's at most
+    /// 48 tasks (`--workload hostile:flood`, docs/reliability.md).
+    #[arg(long)]
+    pub apf_max_outstanding: Option<usize>,
 }
 
 /// `--apf` values.
@@ -164,6 +272,9 @@ WORKLOAD SPEC: a comma list of kind[:count]; kinds: compute (counts loop iterati
 (walks its share of workload memory page by page, checksumming it), msr-selftest (the guest
 writes every class of invalid and valid APF MSR value and checks the #GP answers).
 Tasks are assigned round-robin to vCPUs; scan tasks split [16 MiB, end of RAM) between them.
+Or `hostile:<case>`, a hostile-guest workload (area-outside-ram, area-straddles-ram-end,
+area-mmio, area-unaligned, area-overlap, toggle, reenable, no-ack, ack-idle, int-change,
+same-page, flood; see docs/reliability.md); use --vcpus 2.
 
 Exit status: the guest's own (0 = every task passed); 125 when apfvm fails (bad option or
 image, no /dev/kvm, the guest died: RIP and exit reason are printed).

@@ -30,6 +30,10 @@ pub enum VmmError {
     /// The requested configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// `apfvm demo` / `apfvm bench`: a run failed or was inconsistent, or no KVM (the
+    /// message says which).
+    #[error("{0}")]
+    Bench(String),
     /// Guest memory could not be set up or accessed.
     #[error("guest memory: {0}")]
     Memory(String),

@@ -99,7 +99,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub fn check_ram_size(size: u64) -> Result<()> {
     if !size.is_multiple_of(HUGE_PAGE) {
         return Err(VmmError::Config(format!(
-            "memory size {size:#x} is not a multiple of 2 MiB"
+            "memory size {} is not a multiple of 2 MiB",
+            human_size(size)
         )));
     }
     if size < MIN_RAM {
@@ -117,6 +118,19 @@ pub fn check_ram_size(size: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `size` in the largest unit that divides it: `17 MiB`, `1537 KiB`, `100 bytes`.
+pub fn human_size(size: u64) -> String {
+    if size != 0 && size.is_multiple_of(1 << 30) {
+        format!("{} GiB", size >> 30)
+    } else if size != 0 && size.is_multiple_of(1 << 20) {
+        format!("{} MiB", size >> 20)
+    } else if size != 0 && size.is_multiple_of(1 << 10) {
+        format!("{} KiB", size >> 10)
+    } else {
+        format!("{size} bytes")
+    }
 }
 
 /// The page-directory entry mapping the 2 MiB page at `addr`.
@@ -171,6 +185,12 @@ mod tests {
         assert!(check_ram_size(MIN_RAM - HUGE_PAGE).is_err());
         assert!(check_ram_size(MAX_RAM + HUGE_PAGE).is_err());
         assert!(check_ram_size(1 << 50).is_err());
+        let e = check_ram_size(0x110_0000 + 0x1000).unwrap_err().to_string();
+        assert!(e.contains("17412 KiB is not a multiple of 2 MiB"), "{e}");
+        let e = check_ram_size(17 << 20).unwrap_err().to_string();
+        assert!(e.contains("17 MiB"), "{e}");
+        assert_eq!(human_size(3 << 30), "3 GiB");
+        assert_eq!(human_size(100), "100 bytes");
     }
 
     #[test]

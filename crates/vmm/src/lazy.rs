@@ -1,6 +1,7 @@
 //! Lazy restore: workload memory mapped empty, registered with userfaultfd through
-//! `crates/pager`, served from the snapshot's memory file (each 64 KiB chunk verified
-//! against the manifest's CRC before it is mapped), each fetch delayed by
+//! `crates/pager`, served from the snapshot's memory file or an NBD export of it
+//! ([`open_source`]; each 64 KiB chunk verified against the manifest's CRC before it is
+//! mapped), prefetched per `--prefetch`, each fetch delayed by
 //! `--fetch-latency`. The pager's callbacks feed the APF path in [`crate::apf`]:
 //! `on_fault` → find the vCPU by thread id → mailbox + kick; `on_page_ready` →
 //! `Engine::page_arrived` + kick the vCPUs with a delivery pending; `on_error` → stop the
@@ -8,11 +9,11 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pager::{
-    FaultEvent, FileSource, GuestRegion, Pager, PagerConfig, PagerError, PagerHandle,
-    PagerObserver, VerifiedSource,
+    FaultEvent, FileSource, GuestRegion, NbdSource, NbdSourceConfig, PageSource, Pager,
+    PagerConfig, PagerError, PagerHandle, PagerObserver, Prefetch, VerifiedSource,
 };
 
 use crate::apf::LatencyUs;
@@ -22,6 +23,86 @@ use crate::snapshot::Snapshot;
 use crate::vcpu_loop::Shared;
 
 pub use pager::FetchLatency;
+
+/// Where guest memory comes from, and how it is prefetched (`restore --memory-source`,
+/// `--source-deadline`, `--prefetch`).
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// An NBD export of the snapshot's memory file (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`); `None`: the snapshot's own memory file.
+    pub memory_source: Option<String>,
+    /// A server unreachable this long ends the VM with an error.
+    pub deadline: Duration,
+    /// Prefetch policy of the pager (lazy restores).
+    pub prefetch: Prefetch,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            memory_source: None,
+            deadline: Duration::from_secs(10),
+            prefetch: Prefetch::None,
+        }
+    }
+}
+
+/// The export name `apfvm snapshot` suggests to serve a snapshot's memory under.
+pub const NBD_EXPORT: &str = "mem";
+
+/// The `qemu-nbd` command that serves the memory of the snapshot in `dir` on a unix socket
+/// in that directory, and the matching `--memory-source` URL.
+pub fn qemu_nbd_command(dir: &std::path::Path) -> (String, String) {
+    let sock = dir.join("nbd.sock");
+    (
+        format!(
+            "qemu-nbd --read-only --persistent --shared=8 --format=raw --export-name={NBD_EXPORT} --socket={} {}",
+            sock.display(),
+            dir.join("memory.raw").display()
+        ),
+        format!("nbd+unix:///{NBD_EXPORT}?socket={}", sock.display()),
+    )
+}
+
+/// The snapshot's memory as a page source, every 64 KiB chunk verified against the
+/// manifest: its memory file, or the NBD export `opts.memory_source` (whose size must be
+/// the snapshot's memory size).
+pub fn open_source(snapshot: &Snapshot, opts: &SourceOptions) -> Result<Arc<dyn PageSource>> {
+    let m = &snapshot.manifest.memory;
+    let chunk = usize::try_from(m.chunk_size).unwrap_or(0);
+    let verified = |s: Box<dyn PageSource>| -> Result<Arc<dyn PageSource>> {
+        Ok(Arc::new(
+            VerifiedSource::new(s, chunk, m.crc32.clone())
+                .map_err(|e| VmmError::Pager(e.to_string()))?,
+        ))
+    };
+    let Some(url) = &opts.memory_source else {
+        let file = FileSource::open(snapshot.memory_path())
+            .map_err(|e| VmmError::Pager(format!("{}: {e}", snapshot.memory_path().display())))?;
+        return verified(Box::new(file));
+    };
+    let url: pager::NbdUrl = url
+        .parse()
+        .map_err(|e: pager::nbd::ParseNbdUrlError| VmmError::Config(e.to_string()))?;
+    let mut cfg = NbdSourceConfig {
+        deadline: opts.deadline,
+        max_connections: PagerConfig::DEFAULT_FETCH_THREADS,
+        ..NbdSourceConfig::default()
+    };
+    // A server that stops answering counts as gone after this long (then reconnects).
+    cfg.client.io_timeout =
+        Some((opts.deadline / 2).clamp(Duration::from_millis(100), Duration::from_secs(2)));
+    let nbd = NbdSource::connect(url.clone(), cfg)
+        .map_err(|e| VmmError::Pager(format!("memory source {url}: {e}")))?;
+    if nbd.size() != m.size {
+        return Err(VmmError::Pager(format!(
+            "memory source {url}: the export has {} bytes, the snapshot's memory {} (another file is served?)",
+            nbd.size(),
+            m.size
+        )));
+    }
+    verified(Box::new(nbd))
+}
 
 /// What to serve lazily, and how.
 #[derive(Debug, Clone)]
@@ -36,6 +117,10 @@ pub struct LazyConfig {
     pub apf: bool,
     /// Added delay per fetch.
     pub latency: FetchLatency,
+    /// The memory, verified per chunk ([`open_source`]).
+    pub source: Arc<dyn PageSource>,
+    /// Prefetch policy.
+    pub prefetch: Prefetch,
 }
 
 /// The pager's view, kept for the report.
@@ -43,6 +128,8 @@ pub struct LazyConfig {
 pub struct LazyStats {
     handle: Mutex<Option<PagerHandle>>,
     served_bytes: Mutex<u64>,
+    source: Mutex<String>,
+    prefetch: Mutex<Prefetch>,
 }
 
 impl LazyStats {
@@ -97,6 +184,21 @@ impl LazyStats {
             pager_fetch_errors: pager.fetch_errors,
             pager_source_fetch_us: us(&pager.fetch_time),
             pager_fault_to_copy_us: us(&pager.fault_to_copy),
+            pager_fetch_retries: pager.fetch_retries,
+            pager_prefetch_fetches: pager.prefetch_fetches,
+            pager_prefetched_pages: pager.prefetched_pages,
+            #[allow(clippy::cast_precision_loss)]
+            resident_at_ms: pager.fully_resident_ns.map(|ns| ns as f64 / 1e6),
+            source: self
+                .source
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            prefetch: self
+                .prefetch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .to_string(),
         }
     }
 }
@@ -166,6 +268,19 @@ pub struct LazyReport {
     pub pager_source_fetch_us: LatencyUs,
     /// The pager's first fault → copy.
     pub pager_fault_to_copy_us: LatencyUs,
+    /// Failed fetches retried (a checksum mismatch or I/O error is retried once).
+    pub pager_fetch_retries: u64,
+    /// Prefetch jobs (`--prefetch`).
+    pub pager_prefetch_fetches: u64,
+    /// Pages mapped by a prefetch before any fault on them.
+    pub pager_prefetched_pages: u64,
+    /// Every lazily served page present this long after the pager started ("resident at
+    /// T"; `None`: not before the guest exited).
+    pub resident_at_ms: Option<f64>,
+    /// Where the memory came from.
+    pub source: String,
+    /// `--prefetch`.
+    pub prefetch: String,
 }
 
 impl LazyReport {
@@ -211,6 +326,19 @@ impl LazyReport {
             self.pager_fetch_errors,
             self.pager_source_fetch_us
         );
+        let _ = writeln!(
+            s,
+            "   memory: {}; prefetch {}: {} jobs, {} pages before any fault; {} fetch retries; {}",
+            self.source,
+            self.prefetch,
+            self.pager_prefetch_fetches,
+            self.pager_prefetched_pages,
+            self.pager_fetch_retries,
+            match self.resident_at_ms {
+                Some(ms) => format!("resident at {ms:.1} ms"),
+                None => "not fully resident at exit".into(),
+            }
+        );
         s
     }
 }
@@ -219,11 +347,16 @@ impl LazyReport {
 /// snapshot's memory file (chunk verified), the others from guest RAM, so taking it does not
 /// fault the whole memory in through the pager (and its fetch latency).
 pub fn capture_hook(
-    snapshot: Snapshot,
+    snapshot: &Snapshot,
+    source: Arc<dyn PageSource>,
     ram: Arc<GuestRam>,
     stats: Arc<LazyStats>,
     start: u64,
 ) -> crate::snapshot::take::CaptureHook {
+    let (chunk, mem_size) = (
+        snapshot.manifest.memory.chunk_size,
+        snapshot.manifest.memory.size,
+    );
     Box::new(move |gpa, buf| {
         let handle = stats
             .handle
@@ -233,7 +366,6 @@ pub fn capture_hook(
         let Some(handle) = handle else {
             return ram.read(gpa, buf);
         };
-        let chunk = snapshot.manifest.memory.chunk_size;
         let end = gpa + buf.len() as u64;
         let mut at = gpa;
         while at < end {
@@ -246,7 +378,11 @@ pub fn capture_hook(
             if resident {
                 ram.read(at, out)?;
             } else {
-                let file = snapshot.read_chunk(chunk_start)?;
+                let mut file =
+                    vec![0u8; usize::try_from(chunk.min(mem_size - chunk_start)).unwrap_or(0)];
+                source
+                    .fetch(chunk_start / 4096, &mut file)
+                    .map_err(|e| VmmError::Pager(e.to_string()))?;
                 let off = usize::try_from(at - chunk_start).unwrap_or(0);
                 for (i, page) in out.chunks_mut(4096).enumerate() {
                     let p = at + 4096 * i as u64;
@@ -302,12 +438,7 @@ pub fn start(
         .fault_path()
         .apf_on
         .store(cfg.apf, Ordering::Relaxed);
-    let m = &cfg.snapshot.manifest.memory;
-    let file = FileSource::open(cfg.snapshot.memory_path())
-        .map_err(|e| VmmError::Pager(format!("{}: {e}", cfg.snapshot.memory_path().display())))?;
-    let chunk = usize::try_from(m.chunk_size).unwrap_or(0);
-    let source = VerifiedSource::new(file, chunk, m.crc32.clone())
-        .map_err(|e| VmmError::Pager(e.to_string()))?;
+    let source = Arc::clone(&cfg.source);
     let len = usize::try_from(cfg.end - cfg.start)
         .map_err(|_| VmmError::Pager("lazy range too large".into()))?;
     let host = ram.host_ptr(cfg.start, len)?;
@@ -317,14 +448,20 @@ pub fn start(
     // values, and the observer never touches guest memory (it only kicks and updates the
     // engine; area words are read by vCPU threads).
     let region = unsafe { GuestRegion::new(cfg.start, host, len) };
+    *stats.source.lock().unwrap_or_else(PoisonError::into_inner) = source.describe();
+    *stats
+        .prefetch
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = cfg.prefetch;
     let pager = Pager::start(
         vec![region],
-        Arc::new(source),
+        source,
         Arc::new(Observer {
             shared: Arc::clone(shared),
         }),
         &PagerConfig {
             latency: cfg.latency,
+            prefetch: cfg.prefetch,
             ..PagerConfig::default()
         },
     )

@@ -14,16 +14,21 @@
 //!   [`report`]: the results (text and JSON).
 //! - [`snapshot`] (format, taking one), [`restore`] (eager and lazy), [`lazy`] (the pager
 //!   behind lazily restored memory); the userspace APF path is in [`apf`].
+//! - [`bench`] (shared orchestration: snapshots, one restore per mode, medians, plot) and
+//!   [`demo`] (the `apfvm demo` and `apfvm bench` commands).
 //! - [`cli`]: the `apfvm` command line (the binary is `src/main.rs`).
 
 pub mod apf;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod guest_image;
+pub mod hostile;
 pub mod kick;
 pub mod kvm;
 pub mod layout;

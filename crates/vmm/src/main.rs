@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use vmm::cli::{Cli, Command, RestoreApf, RestoreArgs, RunArgs, SnapshotArgs};
+use vmm::cli::{BenchArgs, Cli, Command, DemoArgs, RestoreApf, RestoreArgs, RunArgs, SnapshotArgs};
 use vmm::layout::parse_size;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{VmConfig, guest_image};
@@ -30,6 +30,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args),
         Command::Snapshot(args) => snapshot(&args),
         Command::Restore(args) => restore(&args),
+        Command::Demo(args) => demo(&args),
+        Command::Bench(args) => bench(&args),
     };
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
@@ -76,10 +78,17 @@ fn snapshot(args: &SnapshotArgs) -> anyhow::Result<u32> {
             at,
             on_sigusr1: true,
         }),
+        window: None,
     };
     let report = vmm::run_with(&cfg, &opts).context("taking a snapshot")?;
     output(&report, args.run.quiet, args.run.json.as_deref())?;
     println!("apfvm: snapshot written to {}", args.out.display());
+    let (serve, url) = vmm::lazy::qemu_nbd_command(&args.out);
+    println!("apfvm: serve its memory over NBD with: {serve}");
+    println!(
+        "apfvm:   then: apfvm restore {} --lazy --memory-source '{url}'",
+        args.out.display()
+    );
     Ok(0)
 }
 
@@ -97,6 +106,7 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<u32> {
         apf: match args.apf {
             RestoreApf::On => vmm::restore::ApfPath::Userspace,
             RestoreApf::Off => vmm::restore::ApfPath::Off,
+            RestoreApf::OffHalt => vmm::restore::ApfPath::OffHalt,
             RestoreApf::Kernel => vmm::restore::ApfPath::Kernel,
         },
         fetch_latency,
@@ -108,9 +118,20 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<u32> {
             at: snapshot_at,
             on_sigusr1: true,
         }),
+        window: None,
     };
-    let report = vmm::restore::restore(&opts)
-        .with_context(|| format!("restoring {}", args.dir.display()))?;
+    let source = vmm::lazy::SourceOptions {
+        memory_source: args.memory_source.clone(),
+        deadline: duration("--source-deadline", &args.source_deadline)?,
+        prefetch: args.prefetch.parse().context("--prefetch")?,
+    };
+    let report = match args.apf_max_outstanding {
+        Some(n) => {
+            vmm::hostile::with_max_outstanding(n, || vmm::restore::restore_with(&opts, &source))
+        }
+        None => vmm::restore::restore_with(&opts, &source),
+    }
+    .with_context(|| format!("restoring {}", args.dir.display()))?;
     output(&report, args.quiet, args.json.as_deref())?;
     if let Some(out) = &args.snapshot_out {
         println!("apfvm: snapshot written to {}", out.display());
@@ -120,6 +141,8 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<u32> {
 
 fn config(args: &RunArgs, snapshot: bool) -> anyhow::Result<VmConfig> {
     let mem_size = parse_size(&args.mem).context("--mem")?;
+    // The memory size first: a workload that cannot fit in a wrong size says less.
+    vmm::layout::check_ram_size(mem_size).context("--mem")?;
     let scan_bytes = args
         .scan_size
         .as_deref()
@@ -170,4 +193,45 @@ fn run(args: &RunArgs) -> anyhow::Result<u32> {
     })?;
     output(&report, args.quiet, args.json.as_deref())?;
     Ok(report.exit_status)
+}
+
+fn demo(args: &DemoArgs) -> anyhow::Result<u32> {
+    let fetch_latency = duration("--fetch-latency", &args.fetch_latency)?;
+    let window = duration("--window", &args.window)?;
+    let scan_per_vcpu = parse_size(&args.scan_size).context("--scan-size")?;
+    let table = vmm::demo::demo(&vmm::demo::DemoOptions {
+        fetch_latency,
+        repeats: args.repeats,
+        tasks_per_vcpu: args.tasks_per_vcpu,
+        vcpus: args.vcpus,
+        modes: args.modes.clone(),
+        window,
+        scan_per_vcpu,
+        json: args.json.clone(),
+        progress: !args.no_progress,
+    })
+    .context("apfvm demo")?;
+    print!("{table}");
+    Ok(0)
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<u32> {
+    let window = duration("--window", &args.window)?;
+    let table = vmm::demo::bench(&vmm::demo::BenchOptions {
+        json: args.json.clone(),
+        plot: args.plot.clone(),
+        quick: args.quick,
+        repeats: args.repeats,
+        modes: args.modes.clone(),
+        window,
+        progress: !args.no_progress,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    })
+    .context("apfvm bench")?;
+    print!("{table}");
+    println!("apfvm: results written to {}", args.json.display());
+    if let Some(p) = &args.plot {
+        println!("apfvm: plot written to {}", p.display());
+    }
+    Ok(0)
 }

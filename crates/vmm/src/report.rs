@@ -42,29 +42,23 @@ pub struct TaskReport {
     pub run_us: u64,
 }
 
-/// One vCPU's kernel counters, as the guest reported them.
+/// One vCPU's kernel counters, as the guest reported them (after a restore: since it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CpuReport {
     /// vCPU index.
     pub index: usize,
-    /// APF protocol the guest enabled (0 none, 1, 2).
-    pub apf_version: u32,
-    /// v2 vector.
-    pub apf_vector: u32,
-    /// Not-present APFs received.
-    pub not_present: u64,
-    /// Page-ready received.
-    pub page_ready: u64,
-    /// Wake-alls received.
-    pub wake_all: u64,
-    /// Ready before wait.
-    pub early_ready: u64,
-    /// `sti; hlt` idles.
-    pub idle_halts: u64,
-    /// Timer ticks.
-    pub timer_ticks: u64,
-    /// Context switches.
-    pub switches: u64,
+    /// The guest's counters (`apf_version`, `apf_vector`, `not_present`, `page_ready`,
+    /// `wake_all`, `early_ready`, `idle_halts`, `timer_ticks`, `switches`).
+    #[serde(flatten)]
+    pub counters: guest_abi::CpuCounters,
+}
+
+impl std::ops::Deref for CpuReport {
+    type Target = guest_abi::CpuCounters;
+
+    fn deref(&self) -> &guest_abi::CpuCounters {
+        &self.counters
+    }
 }
 
 /// The engine's view.
@@ -84,6 +78,9 @@ pub struct EngineReport {
     pub faults: u64,
     /// Not-present injected.
     pub injected: u64,
+    /// Of those, on a page that already had a token in flight (another task, or another
+    /// vCPU, faulted on it first): each got its own token.
+    pub second_fault_same_page: u64,
     /// Synchronous fallbacks, by reason.
     pub fallback: BTreeMap<String, u64>,
     /// Page-ready delivered.
@@ -146,7 +143,7 @@ pub struct RunReport {
     /// The engine.
     pub engine: EngineReport,
     /// Per vCPU (VMM exit statistics).
-    pub vmm: Vec<VcpuStatsReport>,
+    pub vmm: Vec<VcpuStats>,
     /// Console output.
     pub console: String,
     /// After a restore: task and vCPU counters count from the restore (the VMM subtracts
@@ -156,6 +153,25 @@ pub struct RunReport {
     pub snapshot: Option<SnapshotReport>,
     /// Set for `apfvm restore`.
     pub restore: Option<crate::restore::RestoreReport>,
+    /// Set when the run measured a window (`RunOptions::window`).
+    pub window: Option<WindowReport>,
+}
+
+/// A measured window from the start of the run (`apfvm demo` and `apfvm bench`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WindowReport {
+    /// Its length, µs.
+    pub window_us: u64,
+    /// Compute iterations done by every compute task within the window (since the
+    /// restore, for a restored guest).
+    pub compute_work: u64,
+    /// Every task's work within the window.
+    pub task_work: Vec<u64>,
+    /// When every scan task was done, µs from the start (polled every 0.5 ms); `None` if
+    /// the run ended first.
+    pub scans_done_us: Option<u64>,
+    /// The guest exited before the window ended (the work is then the work at its exit).
+    pub guest_ended_before_window: bool,
 }
 
 /// A snapshot taken by this run.
@@ -172,23 +188,6 @@ pub struct SnapshotReport {
 }
 
 pub use crate::restore::RestoreReport;
-
-/// Serializable copy of [`VcpuStats`].
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct VcpuStatsReport {
-    /// Index.
-    pub index: u32,
-    /// Exits.
-    pub exits: u64,
-    /// I/O exits.
-    pub io_exits: u64,
-    /// MSR exits.
-    pub msr_exits: u64,
-    /// EINTR.
-    pub interrupted: u64,
-    /// Kicks.
-    pub kicks: u64,
-}
 
 /// The checksum a completed fill scan must report.
 fn expected_checksum(spec: &TaskSpec) -> Option<u64> {
@@ -214,6 +213,7 @@ fn kind_name(raw: u32) -> String {
         Some(TaskKind::Compute) => "compute".into(),
         Some(TaskKind::Scan) => "scan".into(),
         Some(TaskKind::MsrSelftest) => "msr-selftest".into(),
+        Some(TaskKind::Hostile) => "hostile".into(),
         None => format!("kind{raw}"),
     }
 }
@@ -247,6 +247,7 @@ fn engine_report(shared: &Shared) -> EngineReport {
         gp,
         faults: c.faults,
         injected: c.injected,
+        second_fault_same_page: c.second_fault_same_page,
         fallback: c
             .fallback
             .iter()
@@ -339,15 +340,17 @@ impl RunReport {
                     let b = &base.cpus[index];
                     CpuReport {
                         index,
-                        apf_version: c.apf_version,
-                        apf_vector: c.apf_vector,
-                        not_present: c.not_present.saturating_sub(b.not_present),
-                        page_ready: c.page_ready.saturating_sub(b.page_ready),
-                        wake_all: c.wake_all.saturating_sub(b.wake_all),
-                        early_ready: c.early_ready.saturating_sub(b.early_ready),
-                        idle_halts: c.idle_halts.saturating_sub(b.idle_halts),
-                        timer_ticks: c.timer_ticks.saturating_sub(b.timer_ticks),
-                        switches: c.switches.saturating_sub(b.switches),
+                        counters: guest_abi::CpuCounters {
+                            apf_version: c.apf_version,
+                            apf_vector: c.apf_vector,
+                            not_present: c.not_present.saturating_sub(b.not_present),
+                            page_ready: c.page_ready.saturating_sub(b.page_ready),
+                            wake_all: c.wake_all.saturating_sub(b.wake_all),
+                            early_ready: c.early_ready.saturating_sub(b.early_ready),
+                            idle_halts: c.idle_halts.saturating_sub(b.idle_halts),
+                            timer_ticks: c.timer_ticks.saturating_sub(b.timer_ticks),
+                            switches: c.switches.saturating_sub(b.switches),
+                        },
                     }
                 })
                 .collect()
@@ -365,21 +368,12 @@ impl RunReport {
             tasks,
             cpus,
             engine: engine_report(shared),
-            vmm: stats
-                .into_iter()
-                .map(|s| VcpuStatsReport {
-                    index: s.index,
-                    exits: s.exits,
-                    io_exits: s.io_exits,
-                    msr_exits: s.msr_exits,
-                    interrupted: s.interrupted,
-                    kicks: s.kicks,
-                })
-                .collect(),
+            vmm: stats,
             console: shared.console.text(),
             counters_since_restore: baseline.is_some(),
             snapshot: None,
             restore: None,
+            window: None,
         }
     }
 
@@ -452,11 +446,12 @@ impl RunReport {
                 "ticks",
                 "switches"
             );
-            for c in &self.cpus {
+            for r in &self.cpus {
+                let c = &r.counters;
                 let _ = writeln!(
                     s,
                     "   {:>4} {:>3} {:>#4x} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6} {:>8}",
-                    c.index,
+                    r.index,
                     c.apf_version,
                     c.apf_vector,
                     c.not_present,

@@ -14,6 +14,9 @@
 //! - vCPU state, irqchip and the engine's MSRs are loaded; `Engine::restore` re-runs the
 //!   enable path, so each enabled vCPU gets a wake-all at its first delivery window and tasks
 //!   asleep at snapshot time retry.
+//! - Memory source ([`restore_with`]): the memory file, or an NBD export of it (then only
+//!   the manifest is needed locally; eager memory is read through the same verified source).
+//!   See docs/remote-memory.md.
 //! - Guest counters: the report counts from the restore (the VMM reads the counters page
 //!   of the snapshot before starting and subtracts it; guest memory is not modified).
 
@@ -27,7 +30,7 @@ use crate::config::{ApfMode, HaltMode, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm;
-use crate::lazy::{self, FetchLatency, LazyReport, LazyStats};
+use crate::lazy::{self, FetchLatency, LazyReport, LazyStats, SourceOptions};
 use crate::memory::GuestRam;
 use crate::report::RunReport;
 use crate::run::{self, Extras, Machine, RunOptions, SnapshotPlan};
@@ -50,16 +53,25 @@ pub struct RestoreOptions {
     pub echo_console: bool,
     /// Take another snapshot of the restored guest.
     pub snapshot: Option<SnapshotPlan>,
+    /// Measure a window from the start (see `RunOptions::window`).
+    pub window: Option<Duration>,
 }
 
 /// `apfvm restore --apf`: who turns a missing page into an asynchronous page fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum ApfPath {
     /// apfvm, from userspace (uffd message → kick → apf-host engine → inject).
     Userspace,
-    /// Nobody: every missing page stalls its vCPU (the VMM never injects).
+    /// Nobody: every missing page stalls its vCPU (the VMM never injects). `hlt` stays in
+    /// the guest (`--hlt no-exit`), so the fault is taken on the vCPU thread, which sleeps in
+    /// the kernel's userfaultfd handling until the page lands: no interrupt gets in.
     Off,
+    /// Nobody injects, but the VM is made as for `Kernel` except that the APF MSRs stay
+    /// filtered to the VMM (KVM never sees the guest's enable): in-kernel `hlt` and LAPIC, so
+    /// KVM takes the fault in a kworker and parks the vCPU in its "APF halt", which lets
+    /// interrupts in (host-facts.md, "the trap").
+    OffHalt,
     /// KVM's own in-kernel APF on the same userfaultfd memory: no MSR filter (KVM owns the
     /// APF MSRs; the snapshot's values are written into KVM), in-kernel `hlt` (KVM's path
     /// needs its "APF halt"), faults taken by KVM's kworkers. Only a v2 guest gets APFs.
@@ -71,6 +83,7 @@ impl std::fmt::Display for ApfPath {
         f.write_str(match self {
             ApfPath::Userspace => "on (userspace)",
             ApfPath::Off => "off",
+            ApfPath::OffHalt => "off (KVM's APF halt)",
             ApfPath::Kernel => "kernel (KVM's own)",
         })
     }
@@ -93,6 +106,8 @@ pub struct RestoreReport {
     pub setup_us: u64,
     /// Bytes loaded before the first entry.
     pub eager_bytes: u64,
+    /// Where guest memory came from (the memory file, or an NBD export).
+    pub memory_source: String,
     /// Lazy restore: faults, APFs, latencies.
     pub lazy: Option<LazyReport>,
 }
@@ -141,6 +156,7 @@ fn load_kvm_apf_msrs(vcpus: &[Vcpu], saved: &apf_host::SavedState) -> Result<()>
 
 /// Lazy restore: the pager starts once the vCPUs' shared state exists; a new snapshot reads
 /// never-fetched pages from this one; the report gets the lazy section.
+#[allow(clippy::too_many_arguments)]
 fn attach_pager(
     extras: &mut Extras,
     snap: &Snapshot,
@@ -149,6 +165,7 @@ fn attach_pager(
     start: u64,
     end: u64,
     base: RestoreReport,
+    (source, prefetch): (Arc<dyn pager::PageSource>, pager::Prefetch),
 ) {
     let lazy_cfg = lazy::LazyConfig {
         snapshot: snap.clone(),
@@ -156,10 +173,13 @@ fn attach_pager(
         end,
         apf: opts.apf == ApfPath::Userspace,
         latency: opts.fetch_latency,
+        source: Arc::clone(&source),
+        prefetch,
     };
     let stats = LazyStats::new();
     extras.capture = Some(lazy::capture_hook(
-        snap.clone(),
+        snap,
+        source,
         Arc::clone(ram),
         Arc::clone(&stats),
         start,
@@ -176,10 +196,52 @@ fn attach_pager(
     }));
 }
 
+/// Loads guest memory `[0, eager_end)` before any vCPU runs: from the memory file, or
+/// through the (verified) remote source, 4 MiB at a time.
+fn load_eager(
+    snap: &Snapshot,
+    src: &SourceOptions,
+    source: &dyn pager::PageSource,
+    ram: &GuestRam,
+    eager_end: u64,
+) -> Result<()> {
+    if src.memory_source.is_some() {
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0;
+        while off < eager_end {
+            let n = usize::try_from((eager_end - off).min(4 << 20)).unwrap_or(0);
+            source
+                .fetch(off / 4096, &mut buf[..n])
+                .map_err(|e| VmmError::Pager(format!("{}: {e}", source.describe())))?;
+            ram.write(off, &buf[..n])?;
+            off += n as u64;
+        }
+        return Ok(());
+    }
+    snap.read_memory(0, eager_end, |off, bytes| {
+        ram.write(off, bytes)
+            .map_err(|e| crate::snapshot::SnapshotError::Io {
+                path: snap.memory_path(),
+                err: std::io::Error::other(e.to_string()),
+            })
+    })?;
+    Ok(())
+}
+
 /// Restores the snapshot in `opts.dir` and runs the guest to its exit.
 pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
+    restore_with(opts, &SourceOptions::default())
+}
+
+/// [`restore`] with guest memory from `src` (an NBD export instead of the memory file:
+/// the snapshot directory then needs only its manifest) and a prefetch policy.
+pub fn restore_with(opts: &RestoreOptions, src: &SourceOptions) -> Result<RunReport> {
     let t0 = Instant::now();
-    let snap = Snapshot::open(&opts.dir)?;
+    let snap = if src.memory_source.is_some() {
+        Snapshot::open_manifest(&opts.dir)?
+    } else {
+        Snapshot::open(&opts.dir)?
+    };
     let m = &snap.manifest;
     let cfg = VmConfig {
         vcpus: m.config.vcpus,
@@ -190,7 +252,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
         quantum_us: m.config.quantum_us,
         // Userspace APF needs faults taken on the vCPU thread (see the module doc); KVM's
         // own APF needs its in-kernel halt.
-        halt: if opts.apf == ApfPath::Kernel {
+        halt: if matches!(opts.apf, ApfPath::Kernel | ApfPath::OffHalt) {
             HaltMode::InKernel
         } else {
             HaltMode::NoExit
@@ -213,13 +275,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
     } else {
         cfg.mem_size
     };
-    snap.read_memory(0, eager_end, |off, bytes| {
-        ram.write(off, bytes)
-            .map_err(|e| crate::snapshot::SnapshotError::Io {
-                path: snap.memory_path(),
-                err: std::io::Error::other(e.to_string()),
-            })
-    })?;
+    let source = lazy::open_source(&snap, src)?;
+    load_eager(&snap, src, &*source, &ram, eager_end)?;
     vm::set_irqchips(&vm_fd, &m.vm.irqchips)?;
     let vcpus = m
         .vcpus
@@ -247,6 +304,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
         fetch_latency: opts.fetch_latency.to_string(),
         setup_us,
         eager_bytes: eager_end,
+        memory_source: source.describe(),
         lazy: None,
     };
     if opts.lazy {
@@ -258,6 +316,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
             eager_end,
             cfg.mem_size,
             base,
+            (source, src.prefetch),
         );
     } else {
         extras.restore_report = Some(Box::new(move |_| base.clone()));
@@ -272,6 +331,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RunReport> {
     let run_opts = RunOptions {
         timeout: opts.timeout,
         snapshot: opts.snapshot.clone(),
+        window: opts.window,
     };
     run::execute(&cfg, machine, &run_opts, extras).map_err(|e| match e {
         VmmError::Timeout { after, console } => VmmError::Timeout { after, console },

@@ -97,6 +97,111 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Take a snapshot (the VM then ends instead of running to its exit).
     pub snapshot: Option<SnapshotPlan>,
+    /// Measure a window of this length from the start: compute tasks are held running
+    /// (guest_abi::COMPUTE_HOLD_GPA) until it ends, their work is sampled at its end, and
+    /// the moment every scan task is done is polled (the report's `window`).
+    pub window: Option<Duration>,
+}
+
+/// Polls the guest's counters page from the main thread during a measured window.
+#[derive(Debug)]
+struct WindowSampler {
+    ram: Arc<GuestRam>,
+    window: Duration,
+    compute: Vec<usize>,
+    scans: Vec<usize>,
+    baseline: Vec<u64>,
+    at_window: Option<Vec<u64>>,
+    scans_done: Option<Duration>,
+}
+
+/// How often the window's sampler reads the counters page.
+const SAMPLE_POLL: Duration = Duration::from_micros(500);
+
+impl WindowSampler {
+    fn new(
+        cfg: &VmConfig,
+        ram: &Arc<GuestRam>,
+        window: Duration,
+        baseline: Option<&Counters>,
+    ) -> Result<Self> {
+        let of = |k: guest_abi::TaskKind| -> Vec<usize> {
+            cfg.tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.kind == k as u32)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        ram.write_u64(guest_abi::COMPUTE_HOLD_GPA, 1)?;
+        Ok(WindowSampler {
+            ram: Arc::clone(ram),
+            window,
+            compute: of(guest_abi::TaskKind::Compute),
+            scans: of(guest_abi::TaskKind::Scan),
+            baseline: (0..MAX_TASKS)
+                .map(|i| baseline.map_or(0, |b| b.tasks[i].work))
+                .collect(),
+            at_window: None,
+            scans_done: None,
+        })
+    }
+
+    fn done(&self) -> bool {
+        self.at_window.is_some() && self.scans_done.is_some()
+    }
+
+    /// Reads the counters; records the window's end and the scans' completion when due.
+    fn poll(&mut self, elapsed: Duration) {
+        if self.done() {
+            return;
+        }
+        let Ok(c) = self.ram.read_obj::<Counters>(COUNTERS_GPA) else {
+            return;
+        };
+        if self.scans_done.is_none()
+            && self
+                .scans
+                .iter()
+                .all(|&i| c.tasks[i].state == guest_abi::task_state::DONE)
+        {
+            self.scans_done = Some(elapsed);
+        }
+        if self.at_window.is_none() && elapsed >= self.window {
+            self.at_window = Some(c.tasks.iter().map(|t| t.work).collect());
+            // Let the compute tasks end once the other tasks are done.
+            let _ = self.ram.write_u64(guest_abi::COMPUTE_HOLD_GPA, 0);
+        }
+    }
+
+    fn report(&mut self, elapsed: Duration) -> crate::report::WindowReport {
+        let ended_early = self.at_window.is_none();
+        // A last look: the scans may have finished (and the guest exited) between two polls;
+        // their time is then the exit's (at most one poll period late).
+        self.poll(elapsed.max(self.window));
+        let work = self.at_window.clone().unwrap_or_default();
+        let task_work: Vec<u64> = work
+            .iter()
+            .zip(&self.baseline)
+            .map(|(w, b)| w.saturating_sub(*b))
+            .collect();
+        crate::report::WindowReport {
+            window_us: u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX),
+            compute_work: self
+                .compute
+                .iter()
+                .map(|&i| task_work.get(i).copied().unwrap_or(0))
+                .sum(),
+            task_work: task_work
+                .into_iter()
+                .take(self.compute.len() + self.scans.len())
+                .collect(),
+            scans_done_us: self
+                .scans_done
+                .map(|d| u64::try_from(d.min(elapsed).as_micros()).unwrap_or(u64::MAX)),
+            guest_ended_before_window: ended_early,
+        }
+    }
 }
 
 /// A created VM with its memory and vCPUs, not running yet.
@@ -121,6 +226,7 @@ pub fn run(cfg: &VmConfig, timeout: Option<Duration>) -> Result<RunReport> {
         &RunOptions {
             timeout,
             snapshot: None,
+            window: None,
         },
     )
 }
@@ -238,6 +344,10 @@ pub(crate) fn execute(
     if plan.is_some_and(|p| p.on_sigusr1) {
         install_sigusr1()?;
     }
+    let mut sampler = opts
+        .window
+        .map(|w| WindowSampler::new(cfg, &ram, w, extras.baseline.as_ref()))
+        .transpose()?;
     // Lives until the vCPUs are gone and the snapshot (if any) is written.
     let attached = match extras.attach.take() {
         Some(f) => Some(f(&shared)?),
@@ -251,6 +361,8 @@ pub(crate) fn execute(
         opts.timeout.map(|t| start + t),
         plan.and_then(|p| p.at).map(|t| start + t),
         plan.is_some_and(|p| p.on_sigusr1),
+        sampler.as_mut(),
+        start,
     )?;
     let elapsed = start.elapsed();
     out.stats.sort_by_key(|s| s.index);
@@ -337,6 +449,7 @@ pub(crate) fn execute(
         out.stats,
     );
     report.snapshot = snapshot;
+    report.window = sampler.as_mut().map(|s| s.report(elapsed));
     if let Some(f) = &extras.restore_report {
         report.restore = Some(f(&shared));
     }
@@ -396,6 +509,8 @@ fn run_threads(
     deadline: Option<Instant>,
     snapshot_at: Option<Instant>,
     watch_sigusr1: bool,
+    mut sampler: Option<&mut WindowSampler>,
+    start: Instant,
 ) -> Result<Outcome> {
     let (tx, rx) = mpsc::channel();
     let mut out = Outcome::default();
@@ -439,6 +554,13 @@ fn run_threads(
             if watch_sigusr1 {
                 let poll = now + Duration::from_millis(20);
                 wake = Some(wake.map_or(poll, |d| d.min(poll)));
+            }
+            if let Some(s) = sampler.as_deref_mut() {
+                s.poll(now.saturating_duration_since(start));
+                if !s.done() {
+                    let poll = now + SAMPLE_POLL;
+                    wake = Some(wake.map_or(poll, |d| d.min(poll)));
+                }
             }
             let next = match wake {
                 Some(d) => rx.recv_timeout(d.saturating_duration_since(now)),

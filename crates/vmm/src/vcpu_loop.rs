@@ -105,7 +105,7 @@ pub enum VcpuEnd {
 }
 
 /// Exit statistics of one vCPU.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct VcpuStats {
     /// vCPU index.
     pub index: u32,

@@ -71,6 +71,9 @@ pub fn parse_kinds(spec: &str) -> Result<Vec<TaskKind>> {
 
 /// Builds the task table.
 pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
+    if let Some(case) = spec.trim().strip_prefix("hostile:") {
+        return crate::hostile::tasks(case, p);
+    }
     let kinds = parse_kinds(spec)?;
     let scans = kinds.iter().filter(|k| **k == TaskKind::Scan).count() as u64;
     let only_compute = kinds.iter().all(|k| *k == TaskKind::Compute);
@@ -106,7 +109,7 @@ pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
                 t.arg2 = p.scan_passes.max(1);
                 scan_no += 1;
             }
-            TaskKind::MsrSelftest => {}
+            TaskKind::MsrSelftest | TaskKind::Hostile => {}
         }
         tasks.push(t);
     }

@@ -84,7 +84,7 @@ fn errors_are_clear_and_exit_non_zero() {
         vmm::loader::build_tiny_elf(guest_abi::KERNEL_MIN_GPA, &[0x90, 0x0f, 0x0b]),
     )
     .unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--guest", bad.to_str().unwrap()], "not an ELF"),
         (
             &["--guest", dies.to_str().unwrap()],
@@ -94,7 +94,11 @@ fn errors_are_clear_and_exit_non_zero() {
             &["--guest", "/nonexistent/kernel"],
             "cannot read guest image",
         ),
-        (&["--mem", "17M"], "multiple of 2 MiB"),
+        (
+            &["--mem", "17M"],
+            "memory size 17 MiB is not a multiple of 2 MiB",
+        ),
+        (&["--mem", "10M"], "memory size 10 MiB is too small"),
         (&["--workload", "dance:2"], "unknown task kind"),
     ];
     for (args, what) in cases {

@@ -73,6 +73,7 @@ fn take_snapshot(apf: ApfMode, passes: u64, out: &Path) -> RunReport {
                 on_guest_request: true,
                 ..SnapshotPlan::default()
             }),
+            window: None,
         },
     )
     .unwrap_or_else(|e| panic!("snapshot failed: {e}"));
@@ -95,6 +96,7 @@ fn options(dir: &Path, lazy: bool, apf: bool, latency: &str) -> RestoreOptions {
         timeout: Some(TIMEOUT),
         echo_console: false,
         snapshot: None,
+        window: None,
     }
 }
 
@@ -342,6 +344,7 @@ fn snapshot_at_a_time_and_refusal_to_overwrite() {
     let opts = RunOptions {
         timeout: Some(TIMEOUT),
         snapshot: Some(plan),
+        window: None,
     };
     let r = vmm::run_with(&cfg, &opts).unwrap();
     assert_eq!(r.snapshot.as_ref().unwrap().trigger, "--at");

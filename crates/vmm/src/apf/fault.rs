@@ -288,7 +288,7 @@ impl Apf {
 
     /// vCPU thread, no completion pending: hands the latest fault of its mailbox to the
     /// engine and carries out the answer. Returns true when a #PF was injected.
-    pub(super) fn take_fault(&self, vcpu: &Vcpu) -> Result<bool> {
+    pub(super) fn take_fault(&self, vcpu: &mut Vcpu) -> Result<bool> {
         let i = vcpu.index() as usize;
         let fp = &self.fault;
         if !fp.has_fault[i].swap(false, Ordering::AcqRel) {
@@ -334,8 +334,12 @@ impl Apf {
         match outcome {
             Ok(FaultOutcome::Injected(_)) => {
                 fp.sync_page[i].store(u64::MAX, Ordering::Release);
-                self.drain(&mut engine, vcpu);
+                let inject = self.drain(&mut engine, vcpu);
                 self.flag_pending(&engine);
+                drop(engine);
+                if let Some((cr2, error_code)) = inject {
+                    vcpu.inject_pf_now(cr2, error_code)?;
+                }
                 fp.fault_to_apf.record(f.at.elapsed());
                 Ok(true)
             }

@@ -3,9 +3,11 @@
 
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_VCPUEVENT_VALID_PAYLOAD,
-    Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 use crate::config::ApfMode;
 use crate::cpuid;
@@ -66,6 +68,41 @@ pub struct CpuState {
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
+    /// `KVM_CAP_SYNC_REGS` is on: KVM copies regs, sregs and events into `kvm_run` at every
+    /// return from `KVM_RUN`, so the fault path reads them without three ioctls.
+    sync_regs: bool,
+    /// The `kvm_run` copy is current: set when `KVM_RUN` returns, cleared by any state
+    /// write of ours.
+    synced: AtomicBool,
+    /// The last [`Vcpu::cpu_state`] found CPL 3: the vCPU is not halted (`hlt` is
+    /// privileged), so an injection need not read the MP state.
+    at_cpl3: AtomicBool,
+}
+
+/// `apfvm` reads vCPU state through ioctls instead of `KVM_CAP_SYNC_REGS` when this
+/// environment variable is set (to compare the two).
+pub const NO_SYNC_REGS_ENV: &str = "APFVM_NO_SYNC_REGS";
+
+fn sync_regs_wanted(vm: &VmFd) -> bool {
+    std::env::var_os(NO_SYNC_REGS_ENV).is_none() && vm.check_extension(kvm_ioctls::Cap::SyncRegs)
+}
+
+impl Vcpu {
+    fn new(index: u32, mut fd: VcpuFd, vm: &VmFd) -> Vcpu {
+        let sync_regs = sync_regs_wanted(vm);
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        }
+        Vcpu {
+            index,
+            fd,
+            sync_regs,
+            synced: AtomicBool::new(false),
+            at_cpl3: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Vcpu {
@@ -81,7 +118,7 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-        let vcpu = Vcpu { index, fd };
+        let vcpu = Vcpu::new(index, fd, vm);
         vcpu.set_cpuid(kvm, apf, vcpus)?;
         vcpu.set_boot_state(entry)?;
         Ok(vcpu)
@@ -98,10 +135,7 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(saved.index))
             .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-        let vcpu = Vcpu {
-            index: saved.index,
-            fd,
-        };
+        let vcpu = Vcpu::new(saved.index, fd, vm);
         vcpu.set_cpuid(kvm, apf, vcpus)?;
         vcpu.load_state(saved)?;
         Ok(vcpu)
@@ -331,7 +365,9 @@ impl Vcpu {
 
     /// Runs the vCPU until the next exit.
     pub fn run(&mut self) -> Result<Exit> {
-        let exit = match self.fd.run() {
+        let ran = self.fd.run();
+        self.synced.store(self.sync_regs, Ordering::Release);
+        let exit = match ran {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Ok(Exit::Interrupted);
@@ -428,6 +464,13 @@ impl Vcpu {
 
     /// The vCPU state relevant to APF delivery.
     pub fn cpu_state(&self) -> Result<CpuState> {
+        if self.synced.load(Ordering::Acquire) {
+            let s = self.fd.sync_regs();
+            let state = state_of(&s.regs, &s.sregs, &s.events);
+            self.at_cpl3.store(state.cpl == 3, Ordering::Release);
+            return Ok(state);
+        }
+        self.at_cpl3.store(false, Ordering::Release);
         let regs = self.fd.get_regs().map_err(VmmError::kvm("KVM_GET_REGS"))?;
         let sregs = self
             .fd
@@ -437,26 +480,42 @@ impl Vcpu {
             .fd
             .get_vcpu_events()
             .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
-        Ok(CpuState {
-            cpl: sregs.cs.dpl,
-            interrupts_enabled: regs.rflags & (1 << 9) != 0,
-            interrupt_shadow: ev.interrupt.shadow != 0,
-            event_pending: ev.exception.pending != 0
-                || ev.exception.injected != 0
-                || ev.interrupt.injected != 0
-                || ev.nmi.injected != 0
-                || ev.nmi.pending != 0,
-            paging: sregs.cr0 & (1 << 31) != 0,
-        })
+        Ok(state_of(&regs, &sregs, &ev))
+    }
+
+    /// [`Vcpu::inject_pf`] for the vCPU thread between two `KVM_RUN`s: when the state read
+    /// at this exit came through `kvm_run` (`KVM_CAP_SYNC_REGS`) and said CPL 3, the event
+    /// is written there too (`kvm_dirty_regs`), for KVM to load at the next `KVM_RUN`: no
+    /// ioctl at all. Otherwise the ioctls.
+    pub fn inject_pf_now(&mut self, cr2: u64, error_code: u32) -> Result<()> {
+        if !(self.synced.load(Ordering::Acquire) && self.at_cpl3.load(Ordering::Acquire)) {
+            return self.inject_pf(cr2, error_code);
+        }
+        self.synced.store(false, Ordering::Release);
+        self.at_cpl3.store(false, Ordering::Release);
+        let ev = &mut self.fd.sync_regs_mut().events;
+        ev.flags = KVM_VCPUEVENT_VALID_PAYLOAD;
+        ev.exception.injected = 0;
+        ev.exception.pending = 1;
+        ev.exception.nr = PF_VECTOR;
+        ev.exception.has_error_code = 1;
+        ev.exception.error_code = error_code;
+        ev.exception_has_payload = 1;
+        ev.exception_payload = cr2;
+        self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        Ok(())
     }
 
     /// Injects #PF with CR2 = `cr2` (exception payload) and `error_code`. A vCPU halted in the
     /// kernel is made runnable so it takes the exception.
     pub fn inject_pf(&self, cr2: u64, error_code: u32) -> Result<()> {
-        let mut ev = self
-            .fd
-            .get_vcpu_events()
-            .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?;
+        let mut ev = if self.synced.swap(false, Ordering::AcqRel) {
+            self.fd.sync_regs().events
+        } else {
+            self.fd
+                .get_vcpu_events()
+                .map_err(VmmError::kvm("KVM_GET_VCPU_EVENTS"))?
+        };
         ev.flags = KVM_VCPUEVENT_VALID_PAYLOAD;
         ev.exception.injected = 0;
         ev.exception.pending = 1;
@@ -468,6 +527,10 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&ev)
             .map_err(VmmError::kvm("KVM_SET_VCPU_EVENTS"))?;
+        if self.at_cpl3.swap(false, Ordering::AcqRel) {
+            // Interrupted at CPL 3 (read from this very exit): not halted.
+            return Ok(());
+        }
         let mp = self
             .fd
             .get_mp_state()
@@ -480,5 +543,19 @@ impl Vcpu {
                 .map_err(VmmError::kvm("KVM_SET_MP_STATE"))?;
         }
         Ok(())
+    }
+}
+
+fn state_of(regs: &kvm_regs, sregs: &kvm_sregs, ev: &kvm_vcpu_events) -> CpuState {
+    CpuState {
+        cpl: sregs.cs.dpl,
+        interrupts_enabled: regs.rflags & (1 << 9) != 0,
+        interrupt_shadow: ev.interrupt.shadow != 0,
+        event_pending: ev.exception.pending != 0
+            || ev.exception.injected != 0
+            || ev.interrupt.injected != 0
+            || ev.nmi.injected != 0
+            || ev.nmi.pending != 0,
+        paging: sregs.cr0 & (1 << 31) != 0,
     }
 }

@@ -300,6 +300,22 @@ impl Snapshot {
     /// Opens and checks `dir` (manifest, version, memory file size). Memory contents are
     /// verified as they are read.
     pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let snap = Self::open_manifest(dir)?;
+        let mem = snap.memory_path();
+        let found = fs::metadata(&mem).map_err(io(&mem))?.len();
+        if found != snap.manifest.memory.size {
+            return Err(SnapshotError::MemorySize {
+                path: mem,
+                found,
+                expected: snap.manifest.memory.size,
+            });
+        }
+        Ok(snap)
+    }
+
+    /// Like [`Snapshot::open`] without the memory file (its memory is served by another
+    /// source, e.g. an NBD server: `restore --memory-source`).
+    pub fn open_manifest(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let path = dir.join(MANIFEST);
         let text = fs::read_to_string(&path).map_err(io(&path))?;
         let value: serde_json::Value =
@@ -328,20 +344,10 @@ impl Snapshot {
         manifest
             .check()
             .map_err(|why| SnapshotError::BadManifest { path, why })?;
-        let snap = Snapshot {
+        Ok(Snapshot {
             dir: dir.to_path_buf(),
             manifest,
-        };
-        let mem = snap.memory_path();
-        let found = fs::metadata(&mem).map_err(io(&mem))?.len();
-        if found != snap.manifest.memory.size {
-            return Err(SnapshotError::MemorySize {
-                path: mem,
-                found,
-                expected: snap.manifest.memory.size,
-            });
-        }
-        Ok(snap)
+        })
     }
 
     /// The memory file.
