@@ -75,19 +75,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Apf {
-    /// An engine offering `features` to `kickers.len()` vCPUs over `ram`.
+    /// An engine offering `features` to `kickers.len()` vCPUs over `ram`, with at most
+    /// `max_outstanding` APFs per vCPU (`None`: the engine's default, Linux's 64).
     pub fn new(
         features: PvFeatures,
         ram: Arc<GuestRam>,
         vm: Arc<VmFd>,
         kickers: Vec<Kicker>,
+        max_outstanding: Option<usize>,
     ) -> Result<Apf> {
         let n = kickers.len();
         let ram_size = ram.size();
         let mut config =
             EngineConfig::new(features, n, RamMap::new(std::iter::once(0..ram.size())));
-        if let Some(limit) = crate::hostile::max_outstanding_override() {
-            config.max_outstanding_per_vcpu = limit;
+        if let Some(limit) = max_outstanding {
+            config.max_outstanding_per_vcpu = limit.max(1);
         }
         Ok(Apf {
             engine: Mutex::new(Engine::new(config)),

@@ -8,8 +8,6 @@
 //! distinct regions, more sleepers per vCPU than an outstanding limit lowered with
 //! `--apf-max-outstanding` (the guest has at most 48 tasks, the engine's default limit is 64).
 
-use std::cell::Cell;
-
 use guest_abi::{HOSTILE_CASES, MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec, WORKLOAD_GPA};
 
 use crate::error::{Result, VmmError};
@@ -111,24 +109,6 @@ pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
     Ok(t)
 }
 
-thread_local! {
-    static MAX_OUTSTANDING: Cell<Option<usize>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with the engine's outstanding-APF limit per vCPU set to `limit` for every VM
-/// created on this thread meanwhile (`--apf-max-outstanding`; the default is Linux's 64).
-pub fn with_max_outstanding<R>(limit: usize, f: impl FnOnce() -> R) -> R {
-    let old = MAX_OUTSTANDING.with(|c| c.replace(Some(limit.max(1))));
-    let r = f();
-    MAX_OUTSTANDING.with(|c| c.set(old));
-    r
-}
-
-/// The limit set by [`with_max_outstanding`] on this thread, if any.
-pub fn max_outstanding_override() -> Option<usize> {
-    MAX_OUTSTANDING.with(Cell::get)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,12 +153,5 @@ mod tests {
                 .filter(|t| t.kind == 2)
                 .all(|t| t.arg0 == WORKLOAD_GPA)
         );
-    }
-
-    #[test]
-    fn the_limit_override_is_scoped() {
-        assert_eq!(max_outstanding_override(), None);
-        with_max_outstanding(8, || assert_eq!(max_outstanding_override(), Some(8)));
-        assert_eq!(max_outstanding_override(), None);
     }
 }

@@ -119,19 +119,15 @@ fn restore(args: &RestoreArgs) -> anyhow::Result<u32> {
             on_sigusr1: true,
         }),
         window: None,
+        apf_max_outstanding: args.apf_max_outstanding,
     };
     let source = vmm::lazy::SourceOptions {
         memory_source: args.memory_source.clone(),
         deadline: duration("--source-deadline", &args.source_deadline)?,
         prefetch: args.prefetch.parse().context("--prefetch")?,
     };
-    let report = match args.apf_max_outstanding {
-        Some(n) => {
-            vmm::hostile::with_max_outstanding(n, || vmm::restore::restore_with(&opts, &source))
-        }
-        None => vmm::restore::restore_with(&opts, &source),
-    }
-    .with_context(|| format!("restoring {}", args.dir.display()))?;
+    let report = vmm::restore::restore_with(&opts, &source)
+        .with_context(|| format!("restoring {}", args.dir.display()))?;
     output(&report, args.quiet, args.json.as_deref())?;
     if let Some(out) = &args.snapshot_out {
         println!("apfvm: snapshot written to {}", out.display());

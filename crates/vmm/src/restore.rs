@@ -55,6 +55,8 @@ pub struct RestoreOptions {
     pub snapshot: Option<SnapshotPlan>,
     /// Measure a window from the start (see `RunOptions::window`).
     pub window: Option<Duration>,
+    /// The engine's limit of outstanding APFs per vCPU (`None`: Linux's 64).
+    pub apf_max_outstanding: Option<usize>,
 }
 
 /// `apfvm restore --apf`: who turns a missing page into an asynchronous page fault.
@@ -294,6 +296,7 @@ pub fn restore_with(opts: &RestoreOptions, src: &SourceOptions) -> Result<RunRep
         // With KVM's own APF the engine never sees an MSR: leave it empty.
         engine: (!kernel_apf).then(|| m.engine.clone()),
         baseline: Some(baseline),
+        max_outstanding: opts.apf_max_outstanding,
         ..Extras::default()
     };
     let base = RestoreReport {

@@ -289,6 +289,8 @@ pub(crate) struct Extras {
     pub capture: Option<take::CaptureHook>,
     /// Extra report section.
     pub restore_report: Option<ReportHook>,
+    /// The engine's limit of outstanding APFs per vCPU (`None`: its default, 64).
+    pub max_outstanding: Option<usize>,
 }
 
 impl std::fmt::Debug for Extras {
@@ -330,6 +332,7 @@ pub(crate) fn execute(
         Arc::clone(&ram),
         Arc::clone(&vm_fd),
         kickers.clone(),
+        extras.max_outstanding,
     )?;
     if let Some(saved) = &extras.engine {
         apf.restore(saved)?;

@@ -167,6 +167,7 @@ fn options(dir: &Path, lazy: bool, apf: bool, latency: &str) -> RestoreOptions {
         echo_console: false,
         snapshot: None,
         window: None,
+        apf_max_outstanding: None,
     }
 }
 

@@ -117,6 +117,7 @@ fn options(dir: &Path, latency: &str) -> RestoreOptions {
         echo_console: false,
         snapshot: None,
         window: None,
+        apf_max_outstanding: None,
     }
 }
 

@@ -320,6 +320,7 @@ pub fn run_point(snapshot: &Path, point: &Point, window: Duration) -> Result<Sam
         echo_console: false,
         snapshot: None,
         window: Some(window),
+        apf_max_outstanding: None,
     })?;
     sample(&report, point)
 }
