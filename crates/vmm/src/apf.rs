@@ -18,7 +18,7 @@ use kvm_ioctls::VmFd;
 use crate::error::Result;
 use crate::exit::MsrRefused;
 use crate::kick::{DelayedKicks, Kicker};
-use crate::kvm::vcpu::Vcpu;
+use crate::kvm::vcpu::{CpuState, Vcpu};
 use crate::kvm::vm;
 use crate::memory::GuestRam;
 
@@ -220,22 +220,7 @@ impl Apf {
         }
         let cpu = vcpu.cpu_state()?;
         let mut engine = lock(&self.engine);
-        let (area_reason, area_token) = match engine.area_gpa(i) {
-            Some(area) => (
-                self.ram.read_u32(area + REASON_OFFSET).unwrap_or(0),
-                self.ram.read_u32(area + TOKEN_OFFSET).unwrap_or(0),
-            ),
-            None => (0, 0),
-        };
-        let state = VcpuState {
-            cpl: cpu.cpl,
-            interrupts_enabled: cpu.interrupts_enabled,
-            interrupt_shadow: cpu.interrupt_shadow,
-            event_pending: cpu.event_pending,
-            paging: cpu.paging,
-            area_reason,
-            area_token,
-        };
+        let state = self.engine_state(&engine, i, cpu);
         let outcome = engine
             .delivery_window(i, state)
             .unwrap_or(Delivery::Nothing);
@@ -253,6 +238,27 @@ impl Apf {
             self.delayed.kick_after(&self.kickers[i], RETRY_DELAY);
         }
         Ok(())
+    }
+
+    /// What the engine needs to know of vCPU `i` (`cpu`, read from KVM) and of its area (read
+    /// from guest memory just now: the engine cannot read memory itself).
+    pub(crate) fn engine_state(&self, engine: &Engine, i: usize, cpu: CpuState) -> VcpuState {
+        let (area_reason, area_token) = match engine.area_gpa(i) {
+            Some(area) => (
+                self.ram.read_u32(area + REASON_OFFSET).unwrap_or(0),
+                self.ram.read_u32(area + TOKEN_OFFSET).unwrap_or(0),
+            ),
+            None => (0, 0),
+        };
+        VcpuState {
+            cpl: cpu.cpl,
+            interrupts_enabled: cpu.interrupts_enabled,
+            interrupt_shadow: cpu.interrupt_shadow,
+            event_pending: cpu.event_pending,
+            paging: cpu.paging,
+            area_reason,
+            area_token,
+        }
     }
 
     fn now_us(&self) -> u64 {

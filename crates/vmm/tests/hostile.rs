@@ -7,25 +7,17 @@
 //! case is about faults in flight. Each test prints exactly `SKIPPED: no /dev/kvm` and passes
 //! where KVM is absent.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+#[macro_use]
+mod common;
 
-use vmm::lazy::FetchLatency;
+use common::TIMEOUT;
+use std::path::{Path, PathBuf};
+
 use vmm::restore::{ApfPath, RestoreOptions, restore};
 use vmm::workload::{self, WorkloadParams};
 use vmm::{ApfMode, HaltMode, RunOptions, RunReport, SnapshotPlan, VmConfig, guest_image};
 
 const MEM: u64 = 64 << 20;
-const TIMEOUT: Duration = Duration::from_mins(1);
-
-macro_rules! require_kvm {
-    () => {
-        if !vmm::kvm_available() {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        }
-    };
-}
 
 fn config(apf: ApfMode, case: &str, passes: u64) -> VmConfig {
     let tasks = workload::build(
@@ -279,10 +271,7 @@ fn int_vector_changed_while_a_page_ready_is_pending() {
 // ---- lazy restores: faults in flight ----
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("apfvm-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("hostile", name)
 }
 
 /// Runs `hostile:<case>` with 2-pass scans until the first scan asks for a snapshot (after
@@ -307,15 +296,8 @@ fn snapshot_case(apf: ApfMode, case: &str, out: &Path) {
 
 fn lazy_options(dir: &Path, latency: &str, max_outstanding: Option<usize>) -> RestoreOptions {
     RestoreOptions {
-        dir: dir.to_path_buf(),
-        lazy: true,
-        apf: ApfPath::Userspace,
-        fetch_latency: latency.parse::<FetchLatency>().unwrap(),
-        timeout: Some(TIMEOUT),
-        echo_console: false,
-        snapshot: None,
-        window: None,
         apf_max_outstanding: max_outstanding,
+        ..common::restore_options(dir, true, ApfPath::Userspace, latency)
     }
 }
 

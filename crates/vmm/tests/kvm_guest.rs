@@ -1,6 +1,9 @@
 //! The real guest on `/dev/kvm`, through the library API. Each test prints exactly
 //! `SKIPPED: no /dev/kvm` and passes where KVM is absent.
 
+#[macro_use]
+mod common;
+
 use std::time::Duration;
 
 use guest_abi::{KERNEL_MIN_GPA, TaskKind};
@@ -10,15 +13,6 @@ use vmm::{ApfMode, HaltMode, RunReport, VmConfig, VmmError, guest_image};
 
 const MEM: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-macro_rules! require_kvm {
-    () => {
-        if !vmm::kvm_available() {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        }
-    };
-}
 
 fn config(apf: ApfMode, vcpus: u32, spec: &str) -> VmConfig {
     let tasks = workload::build(

@@ -8,6 +8,10 @@
 //! 2 MiB (32 chunks of 64 KiB), snapshot right after its fill pass; the restored scan
 //! re-reads the whole region and its checksum is compared with the fill pattern.
 
+#[macro_use]
+mod common;
+
+use common::TIMEOUT;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,20 +19,16 @@ use std::time::{Duration, Instant};
 use guest_abi::WORKLOAD_GPA;
 use pager::Prefetch;
 use pager::nbd::{NbdClient, NbdClientConfig};
-use vmm::lazy::{FetchLatency, SourceOptions};
-use vmm::restore::{ApfPath, RestoreOptions, restore_with};
+use vmm::lazy::SourceOptions;
+use vmm::restore::{RestoreOptions, restore_with};
 use vmm::workload::{self, WorkloadParams};
 use vmm::{ApfMode, HaltMode, RunOptions, RunReport, SnapshotPlan, VmConfig, guest_image};
 
 const MEM: u64 = 64 << 20;
-const TIMEOUT: Duration = Duration::from_mins(1);
 
 macro_rules! require_kvm_and_qemu_nbd {
     () => {
-        if !vmm::kvm_available() {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        }
+        require_kvm!();
         let ok = Command::new("qemu-nbd")
             .arg("--version")
             .stdout(Stdio::null())
@@ -43,10 +43,7 @@ macro_rules! require_kvm_and_qemu_nbd {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("apfvm-nbd-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("nbd", name)
 }
 
 /// Snapshots the workload into `dir/snap`; returns a directory holding only its manifest
@@ -154,21 +151,7 @@ impl Drop for Server {
 }
 
 fn options(dir: &Path, lazy: bool, apf: bool, latency: &str) -> RestoreOptions {
-    RestoreOptions {
-        dir: dir.to_path_buf(),
-        lazy,
-        apf: if apf {
-            ApfPath::Userspace
-        } else {
-            ApfPath::Off
-        },
-        fetch_latency: latency.parse::<FetchLatency>().unwrap(),
-        timeout: Some(TIMEOUT),
-        echo_console: false,
-        snapshot: None,
-        window: None,
-        apf_max_outstanding: None,
-    }
+    common::restore_options(dir, lazy, common::userspace_or_off(apf), latency)
 }
 
 fn source(url: &str, prefetch: Prefetch, deadline: Duration) -> SourceOptions {

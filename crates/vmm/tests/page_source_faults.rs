@@ -17,6 +17,10 @@
 //! are `nbd.rs`. Each test prints exactly `SKIPPED: no /dev/kvm` and passes where KVM is
 //! absent.
 
+#[macro_use]
+mod common;
+
+use common::TIMEOUT;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,7 +29,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use guest_abi::WORKLOAD_GPA;
-use vmm::lazy::{FetchLatency, SourceOptions};
+use vmm::lazy::SourceOptions;
 use vmm::restore::{ApfPath, RestoreOptions, restore, restore_with};
 use vmm::workload::{self, WorkloadParams};
 use vmm::{ApfMode, HaltMode, RunOptions, SnapshotPlan, VmConfig, VmmError, guest_image};
@@ -33,24 +37,11 @@ use vmm::{ApfMode, HaltMode, RunOptions, SnapshotPlan, VmConfig, VmmError, guest
 const MEM: u64 = 64 << 20;
 /// The scan's region: 2 MiB from WORKLOAD_GPA (32 chunks of 64 KiB).
 const SCAN: u64 = 2 << 20;
-const TIMEOUT: Duration = Duration::from_mins(1);
 /// Every failing run must end within this (far below TIMEOUT: no hang).
 const BOUND: Duration = Duration::from_secs(20);
 
-macro_rules! require_kvm {
-    () => {
-        if !vmm::kvm_available() {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        }
-    };
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("apfvm-psf-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("psf", name)
 }
 
 /// One snapshot for the whole file (taken after the scan's fill pass; the restored scan
@@ -108,17 +99,7 @@ fn copy_snapshot(to: &Path) {
 }
 
 fn options(dir: &Path, latency: &str) -> RestoreOptions {
-    RestoreOptions {
-        dir: dir.to_path_buf(),
-        lazy: true,
-        apf: ApfPath::Userspace,
-        fetch_latency: latency.parse::<FetchLatency>().unwrap(),
-        timeout: Some(TIMEOUT),
-        echo_console: false,
-        snapshot: None,
-        window: None,
-        apf_max_outstanding: None,
-    }
+    common::restore_options(dir, true, ApfPath::Userspace, latency)
 }
 
 /// The run failed with the pager's error naming a guest page in `[lo, hi)`, in time.

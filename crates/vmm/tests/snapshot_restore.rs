@@ -7,11 +7,14 @@
 //! fill pass, so the restored scan re-reads the whole region while it arrives (at 20 ms per
 //! fetch, about 0.7 s). Task 0 (compute) shares vCPU 0 with the scan.
 
+#[macro_use]
+mod common;
+
+use common::TIMEOUT;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_abi::WORKLOAD_GPA;
-use vmm::lazy::FetchLatency;
 use vmm::restore::{ApfPath, RestoreOptions, restore};
 use vmm::workload::{self, WorkloadParams};
 use vmm::{
@@ -19,23 +22,9 @@ use vmm::{
 };
 
 const MEM: u64 = 64 << 20;
-const TIMEOUT: Duration = Duration::from_mins(1);
 
-macro_rules! require_kvm {
-    () => {
-        if !vmm::kvm_available() {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        }
-    };
-}
-
-/// A fresh, empty scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("apfvm-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("test", name)
 }
 
 fn config(apf: ApfMode, passes: u64) -> VmConfig {
@@ -84,21 +73,7 @@ fn take_snapshot(apf: ApfMode, passes: u64, out: &Path) -> RunReport {
 }
 
 fn options(dir: &Path, lazy: bool, apf: bool, latency: &str) -> RestoreOptions {
-    RestoreOptions {
-        dir: dir.to_path_buf(),
-        lazy,
-        apf: if apf {
-            ApfPath::Userspace
-        } else {
-            ApfPath::Off
-        },
-        fetch_latency: latency.parse::<FetchLatency>().unwrap(),
-        timeout: Some(TIMEOUT),
-        echo_console: false,
-        snapshot: None,
-        window: None,
-        apf_max_outstanding: None,
-    }
+    common::restore_options(dir, lazy, common::userspace_or_off(apf), latency)
 }
 
 fn restore_ok(opts: &RestoreOptions) -> RunReport {

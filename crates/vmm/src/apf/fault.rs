@@ -19,8 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use apf_abi::area::{REASON_OFFSET, TOKEN_OFFSET};
-use apf_host::{Delivery, FaultOutcome, VcpuState, page_of};
+use apf_host::{Delivery, FaultOutcome, page_of};
 
 use super::{Apf, lock};
 use crate::error::Result;
@@ -308,22 +307,7 @@ impl Apf {
             return Ok(false);
         }
         fp.faults_to_engine.fetch_add(1, Ordering::Relaxed);
-        let (area_reason, area_token) = match engine.area_gpa(i) {
-            Some(area) => (
-                self.ram.read_u32(area + REASON_OFFSET).unwrap_or(0),
-                self.ram.read_u32(area + TOKEN_OFFSET).unwrap_or(0),
-            ),
-            None => (0, 0),
-        };
-        let state = VcpuState {
-            cpl: cpu.cpl,
-            interrupts_enabled: cpu.interrupts_enabled,
-            interrupt_shadow: cpu.interrupt_shadow,
-            event_pending: cpu.event_pending,
-            paging: cpu.paging,
-            area_reason,
-            area_token,
-        };
+        let state = self.engine_state(&engine, i, cpu);
         let outcome = engine.fault(i, f.page, state);
         tracing::debug!(
             page = format_args!("{:#x}", f.page),
