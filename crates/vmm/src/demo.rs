@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bench::{self, Machine, Mode, Plan, Row, Setup, Snapshots};
+use crate::bench::{
+    self, Machine, Memory, Mode, Plan, PrefetchPolicy, Row, Setup, Snapshots, Source, Variants,
+};
 use crate::error::{Result, VmmError};
 
 /// What `apfvm demo` measures.
@@ -70,20 +72,25 @@ fn check_setup(vcpus: u32, tasks_per_vcpu: u32, scan_per_vcpu: u64) -> Result<()
 }
 
 fn execute_with_bar(plan: &Plan, progress: bool) -> Result<Vec<Row>> {
+    execute_variants_with_bar(plan, &Variants::default(), progress)
+}
+
+fn execute_variants_with_bar(plan: &Plan, variants: &Variants, progress: bool) -> Result<Vec<Row>> {
     bench::catch_interrupts();
     let mut snapshots = Snapshots::new()?;
-    let bar = progress.then(|| bench::progress_bar(plan.runs()));
-    let result = bench::execute(plan, &mut snapshots, |p, s| {
+    let bar = progress.then(|| bench::progress_bar(plan.runs() + variants.runs(plan)));
+    let result = bench::execute_with(plan, variants, &mut snapshots, |p, m, s| {
         if let Some(bar) = &bar {
             if s.is_some() {
                 bar.inc(1);
             } else {
                 bar.set_message(format!(
-                    "{} · {} · {} vCPU · {} tasks/vCPU",
+                    "{} · {} · {} vCPU · {} tasks/vCPU · {}",
                     p.mode,
                     fmt_latency(p.fetch_latency),
                     p.setup.vcpus,
-                    p.setup.tasks_per_vcpu
+                    p.setup.tasks_per_vcpu,
+                    m.label()
                 ));
             }
         }
@@ -91,7 +98,8 @@ fn execute_with_bar(plan: &Plan, progress: bool) -> Result<Vec<Row>> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // `snapshots` (the temporary directory) is removed here, on success and on error.
+    // `snapshots` (the temporary directory, and any qemu-nbd serving from it) is removed
+    // here, on success and on error.
     drop(snapshots);
     result
 }
@@ -213,6 +221,25 @@ pub struct BenchOptions {
     pub progress: bool,
     /// The command line, for the metadata.
     pub command: String,
+    /// Memory sources of the extra rows (`file`, `nbd`; with `prefetch`).
+    pub sources: Vec<Source>,
+    /// Prefetch policies of the extra rows.
+    pub prefetch: Vec<PrefetchPolicy>,
+    /// Fetch latencies at which the extra rows are measured.
+    pub sources_latencies: Vec<Duration>,
+    /// Modes the extra rows are measured for.
+    pub sources_modes: Vec<Mode>,
+}
+
+/// The extra rows of a bench: `sources` × `prefetch` (less file/none, the plain rows) at
+/// `sources_latencies` for `sources_modes`.
+pub fn bench_variants(o: &BenchOptions) -> Variants {
+    Variants::new(
+        &o.sources,
+        &o.prefetch,
+        o.sources_latencies.clone(),
+        o.sources_modes.clone(),
+    )
 }
 
 /// The sweep a bench runs.
@@ -249,7 +276,18 @@ pub fn bench_plan(o: &BenchOptions) -> Plan {
 }
 
 fn write_json(path: &std::path::Path, command: &str, plan: &Plan, rows: &[Row]) -> Result<()> {
+    write_json_with(path, command, plan, rows, &serde_json::Value::Null)
+}
+
+fn write_json_with(
+    path: &std::path::Path,
+    command: &str,
+    plan: &Plan,
+    rows: &[Row],
+    memory: &serde_json::Value,
+) -> Result<()> {
     let doc = serde_json::json!({
+        "memory": memory,
         "command": command,
         "date": bench::utc_now(),
         "machine": Machine::this(),
@@ -272,8 +310,28 @@ fn write_json(path: &std::path::Path, command: &str, plan: &Plan, rows: &[Row]) 
 pub fn bench(o: &BenchOptions) -> Result<String> {
     bench::require_kvm()?;
     let plan = bench_plan(o);
-    let rows = execute_with_bar(&plan, o.progress)?;
-    write_json(&o.json, &o.command, &plan, &rows)?;
+    let mut variants = bench_variants(o);
+    let mut nbd_skipped = None;
+    if variants.uses_nbd() && !bench::qemu_nbd_available() {
+        let line = "apfvm bench: qemu-nbd not found (Debian: qemu-utils): NBD rows skipped";
+        eprintln!("{line}");
+        nbd_skipped = Some(line);
+        variants = variants.without_nbd();
+    }
+    let rows = execute_variants_with_bar(&plan, &variants, o.progress)?;
+    let memory = serde_json::json!({
+        "plain_rows": "source file, prefetch none",
+        "other_rows": variants.memories,
+        "other_rows_at_latency_us": variants
+            .latencies
+            .iter()
+            .map(|l| u64::try_from(l.as_micros()).unwrap_or(u64::MAX))
+            .collect::<Vec<_>>(),
+        "other_rows_modes": variants.modes,
+        "nbd": "qemu-nbd --read-only --persistent --shared=8 --format=raw on a unix socket in the temporary directory, one per snapshot",
+        "nbd_skipped": nbd_skipped,
+    });
+    write_json_with(&o.json, &o.command, &plan, &rows, &memory)?;
     if let Some(svg) = &o.plot {
         let (v, t) = if rows.iter().any(|r| r.vcpus == 1 && r.tasks_per_vcpu == 4) {
             (1, 4)
@@ -304,11 +362,12 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>4} {:>4} {:>7} {:<8} {:>22} {:>7} {:>7} {:>8} {:>6} {:>5} {:>5} {:>11}",
+        "{:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
         "vcpu",
         "tpv",
         "latency",
         "mode",
+        "memory",
         "work (M) [min..max]",
         "×eager",
         "×off",
@@ -316,7 +375,9 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
         "faults",
         "APFs",
         "sync",
-        "p50/p99 µs"
+        "p50/p99 µs",
+        "prefetch",
+        "resident"
     );
     for r in rows {
         let lat = r
@@ -324,11 +385,16 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
             .map_or_else(|| "-".into(), |p| format!("{:.0}/{:.0}", p.p50, p.p99));
         let _ = writeln!(
             s,
-            "{:>4} {:>4} {:>7} {:<8} {:>22} {:>7} {:>7} {:>8.1} {:>6} {:>5} {:>5} {:>11}",
+            "{:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8.1} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
             r.vcpus,
             r.tasks_per_vcpu,
             fmt_latency(Duration::from_micros(r.fetch_latency_us)),
             r.mode.name(),
+            Memory {
+                source: r.source,
+                prefetch: r.prefetch
+            }
+            .label(),
             format!(
                 "{:.1} [{:.1}..{:.1}]",
                 r.compute_work as f64 / 1e6,
@@ -341,8 +407,15 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
             r.faults,
             r.apf_injected,
             r.sync_fallbacks,
-            lat
+            lat,
+            r.prefetched_pages,
+            r.resident_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"))
         );
     }
+    let _ = writeln!(
+        s,
+        "memory = source (file: the snapshot's memory file; nbd: qemu-nbd serving it on a unix socket) + prefetch policy; ×off = over off with the same memory; prefetch = pages prefetched before any fault; resident = every lazily served page present (\"resident at\")"
+    );
     s
 }

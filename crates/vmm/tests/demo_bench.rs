@@ -1,6 +1,8 @@
 //! `apfvm demo` and `apfvm bench --quick` end to end: output structure and internal
 //! consistency (eager has no fault, `off` injects nothing, every APF mode injects, every
-//! checksum verified, the JSON has its fields), never speed. Prints exactly
+//! checksum verified, the JSON has its fields), never speed. `bench --quick` also has its
+//! memory rows: file and NBD (`qemu-nbd`, started by bench) with each prefetch policy, or
+//! one line saying the NBD rows were skipped where `qemu-nbd` is missing. Prints exactly
 //! `SKIPPED: no /dev/kvm` where KVM is absent.
 
 use std::process::Command;
@@ -83,24 +85,44 @@ fn check_runs(doc: &serde_json::Value, at_least: usize) {
             "sync_fallbacks",
             "inject_latency_us",
             "repeats",
+            "source",
+            "prefetch",
+            "scans_verified",
+            "prefetched_pages",
+            "fetch_retries",
         ] {
             assert!(r.get(key).is_some(), "no {key:?} in {r}");
         }
         let mode = r["mode"].as_str().unwrap();
         let faults = r["faults"].as_u64().unwrap();
         let apfs = r["apf_injected"].as_u64().unwrap();
+        let source = r["source"].as_str().unwrap();
+        let prefetch = r["prefetch"].as_str().unwrap();
+        assert!(matches!(source, "file" | "nbd"), "{r}");
+        assert!(matches!(prefetch, "none" | "readahead" | "fill"), "{r}");
+        // Every scan's checksum verified, no fetch retried (no checksum mismatch).
+        assert_eq!(r["scans_verified"], r["vcpus"], "{r}");
+        assert_eq!(r["fetch_retries"].as_u64(), Some(0), "{r}");
+        let prefetched = r["prefetched_pages"].as_u64().unwrap();
+        if prefetch == "none" {
+            assert_eq!(prefetched, 0, "{r}");
+        } else {
+            // A prefetch may map a page before its fault, or every page before any fault.
+            assert!(faults + prefetched > 0, "{r}");
+        }
         match mode {
             "eager" => assert_eq!(faults, 0, "{r}"),
             "off" | "off-halt" => {
                 assert_eq!(apfs, 0, "{r}");
-                assert!(faults > 0, "{r}");
+                assert!(faults > 0 || prefetch != "none", "{r}");
             }
             "apf-v1" | "apf-v2" | "kernel" => {
-                assert!(faults > 0 && apfs > 0, "{r}");
+                assert!((faults > 0 && apfs > 0) || prefetch != "none", "{r}");
             }
             other => panic!("unknown mode {other}"),
         }
-        if mode == "apf-v1" || mode == "apf-v2" {
+        // (A prefetched row may have had nothing to inject.)
+        if (mode == "apf-v1" || mode == "apf-v2") && (prefetch == "none" || apfs > 0) {
             let p = &r["inject_latency_us"];
             assert!(
                 p["p50"].as_f64().unwrap() <= p["p99"].as_f64().unwrap(),
@@ -141,6 +163,48 @@ fn bench_quick_writes_json_and_plot() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     // 2 latencies × 2 task counts × 5 modes.
     check_runs(&doc, 20);
+    let runs = doc["runs"].as_array().unwrap();
+    let rows = |source: &str, prefetch: &str| -> Vec<&serde_json::Value> {
+        runs.iter()
+            .filter(|r| r["source"] == source && r["prefetch"] == prefetch)
+            .collect()
+    };
+    assert_eq!(rows("file", "none").len(), 20, "{doc}");
+    // The memory rows: at 1 ms, for off, apf-v1 and apf-v2, both task counts.
+    for prefetch in ["readahead", "fill"] {
+        assert_eq!(rows("file", prefetch).len(), 6, "{doc}");
+    }
+    let qemu_nbd = Command::new("qemu-nbd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if qemu_nbd {
+        for prefetch in ["none", "readahead", "fill"] {
+            let nbd = rows("nbd", prefetch);
+            assert_eq!(nbd.len(), 6, "{doc}");
+            for r in nbd {
+                assert_eq!(r["fetch_latency_us"], 1000, "{r}");
+                let faults = r["faults"].as_u64().unwrap();
+                let apfs = r["apf_injected"].as_u64().unwrap();
+                if prefetch == "none" {
+                    // Every chunk of every scan came over NBD through a fault.
+                    assert!(faults >= 32, "{r}");
+                    if r["mode"] != "off" {
+                        assert!(apfs > 0, "{r}");
+                    }
+                }
+                if prefetch == "fill" {
+                    assert!(r["prefetched_pages"].as_u64().unwrap() > 0, "{r}");
+                }
+            }
+        }
+        assert!(doc["memory"]["nbd_skipped"].is_null(), "{doc}");
+    } else {
+        println!("qemu-nbd not installed: checking that bench skipped its NBD rows");
+        assert!(stderr.contains("qemu-nbd not found"), "{stderr}");
+        assert!(rows("nbd", "none").is_empty(), "{doc}");
+    }
+    assert!(stdout.contains("nbd+fill") == qemu_nbd, "{stdout}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.contains("<svg") && plot.contains("apf-v2"), "{plot}");
     let _ = std::fs::remove_file(&json);

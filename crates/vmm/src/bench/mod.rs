@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::config::{ApfMode, HaltMode, VmConfig};
 use crate::error::{Result, VmmError};
+use crate::lazy::SourceOptions;
 use crate::report::RunReport;
 use crate::restore::{ApfPath, RestoreOptions};
 use crate::run::{RunOptions, SnapshotPlan};
@@ -102,7 +103,8 @@ impl Mode {
         matches!(self, Mode::ApfV1 | Mode::ApfV2 | Mode::Kernel)
     }
 
-    fn restore_path(self) -> (bool, ApfPath) {
+    /// Whether the restore is lazy, and who turns a missing page into an APF.
+    pub fn restore_path(self) -> (bool, ApfPath) {
         match self {
             Mode::Eager => (false, ApfPath::Userspace),
             Mode::Off => (true, ApfPath::Off),
@@ -116,6 +118,284 @@ impl Mode {
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Where a lazy (or eager) restore reads guest memory from (`bench --sources`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, clap::ValueEnum,
+)]
+pub enum Source {
+    /// The snapshot's memory file.
+    #[serde(rename = "file")]
+    #[value(name = "file")]
+    File,
+    /// An NBD export of that file, served by `qemu-nbd` on a unix socket.
+    #[serde(rename = "nbd")]
+    #[value(name = "nbd")]
+    Nbd,
+}
+
+impl Source {
+    /// Both, in table order.
+    pub const ALL: [Source; 2] = [Source::File, Source::Nbd];
+
+    /// Its name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::File => "file",
+            Source::Nbd => "nbd",
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The pager's prefetch policy (`bench --prefetch`; [`pager::Prefetch`]).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, clap::ValueEnum,
+)]
+pub enum PrefetchPolicy {
+    /// Faulted chunks only.
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    None,
+    /// Sequential readahead with an adaptive window.
+    #[serde(rename = "readahead")]
+    #[value(name = "readahead")]
+    Readahead,
+    /// Background fill of every page not yet present.
+    #[serde(rename = "fill")]
+    #[value(name = "fill")]
+    Fill,
+}
+
+impl PrefetchPolicy {
+    /// Every policy, in table order.
+    pub const ALL: [PrefetchPolicy; 3] = [
+        PrefetchPolicy::None,
+        PrefetchPolicy::Readahead,
+        PrefetchPolicy::Fill,
+    ];
+
+    /// Its name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefetchPolicy::None => "none",
+            PrefetchPolicy::Readahead => "readahead",
+            PrefetchPolicy::Fill => "fill",
+        }
+    }
+}
+
+impl std::fmt::Display for PrefetchPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<PrefetchPolicy> for pager::Prefetch {
+    fn from(p: PrefetchPolicy) -> Self {
+        match p {
+            PrefetchPolicy::None => pager::Prefetch::None,
+            PrefetchPolicy::Readahead => pager::Prefetch::Readahead,
+            PrefetchPolicy::Fill => pager::Prefetch::Fill,
+        }
+    }
+}
+
+/// How a point's memory arrives: a source and a prefetch policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Memory {
+    /// The memory file or NBD.
+    pub source: Source,
+    /// The pager's prefetch policy.
+    pub prefetch: PrefetchPolicy,
+}
+
+impl Memory {
+    /// The plain rows': the memory file, no prefetch.
+    pub const FILE: Memory = Memory {
+        source: Source::File,
+        prefetch: PrefetchPolicy::None,
+    };
+
+    /// `file`, `nbd`, `nbd+readahead`, `file+fill`, ...
+    pub fn label(self) -> String {
+        if self.prefetch == PrefetchPolicy::None {
+            self.source.name().to_string()
+        } else {
+            format!("{}+{}", self.source, self.prefetch)
+        }
+    }
+}
+
+/// Points measured again with other memory (`bench --sources`, `--prefetch`): every pair of
+/// a source and a prefetch policy other than the plain rows' (`file`, `none`), at the plan's
+/// latencies and modes that are also listed here.
+#[derive(Clone, Debug, Default)]
+pub struct Variants {
+    /// The other memories, in table order.
+    pub memories: Vec<Memory>,
+    /// At these fetch latencies only.
+    pub latencies: Vec<Duration>,
+    /// For these modes only.
+    pub modes: Vec<Mode>,
+}
+
+impl Variants {
+    /// `sources` × `prefetch`, less the plain rows' pair.
+    pub fn new(
+        sources: &[Source],
+        prefetch: &[PrefetchPolicy],
+        latencies: Vec<Duration>,
+        modes: Vec<Mode>,
+    ) -> Variants {
+        let mut memories = Vec::new();
+        for source in sources {
+            for p in prefetch {
+                let m = Memory {
+                    source: *source,
+                    prefetch: *p,
+                };
+                if m != Memory::FILE && !memories.contains(&m) {
+                    memories.push(m);
+                }
+            }
+        }
+        Variants {
+            memories,
+            latencies,
+            modes,
+        }
+    }
+
+    /// The memories `mode` at `latency` is measured with: the file first, then the others.
+    pub fn memories_for(&self, latency: Duration, mode: Mode) -> Vec<Memory> {
+        let mut v = vec![Memory::FILE];
+        if self.latencies.contains(&latency) && self.modes.contains(&mode) {
+            v.extend(self.memories.iter().copied());
+        }
+        v
+    }
+
+    /// Restores they add to `plan`.
+    pub fn runs(&self, plan: &Plan) -> usize {
+        let lats = plan
+            .latencies
+            .iter()
+            .filter(|l| self.latencies.contains(l))
+            .count();
+        let modes = plan.modes.iter().filter(|m| self.modes.contains(m)).count();
+        plan.setups.len() * lats * modes * self.memories.len() * plan.repeats
+    }
+
+    /// True if some row reads memory from NBD.
+    pub fn uses_nbd(&self) -> bool {
+        self.memories.iter().any(|m| m.source == Source::Nbd)
+    }
+
+    /// The same without the NBD rows.
+    #[must_use]
+    pub fn without_nbd(&self) -> Variants {
+        Variants {
+            memories: self
+                .memories
+                .iter()
+                .copied()
+                .filter(|m| m.source != Source::Nbd)
+                .collect(),
+            ..self.clone()
+        }
+    }
+}
+
+/// True if `qemu-nbd --version` runs.
+pub fn qemu_nbd_available() -> bool {
+    std::process::Command::new("qemu-nbd")
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `qemu-nbd` serving a memory file read-only as export [`crate::lazy::NBD_EXPORT`] on a
+/// unix socket; killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct NbdServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl NbdServer {
+    /// Starts it and waits (up to 10 s) until it answers a handshake.
+    pub fn start(file: &Path, socket: &Path) -> Result<NbdServer> {
+        let log_path = socket.with_extension("log");
+        let log = std::fs::File::create(&log_path).map_err(|err| VmmError::Os {
+            what: "create qemu-nbd's log",
+            err,
+        })?;
+        let child = std::process::Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--shared=8", "--format=raw"])
+            .arg(format!("--export-name={}", crate::lazy::NBD_EXPORT))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| VmmError::Bench(format!("starting qemu-nbd: {e}")))?;
+        // From here on, an early return kills it (Drop).
+        let mut server = NbdServer {
+            child,
+            url: format!(
+                "nbd+unix:///{}?socket={}",
+                crate::lazy::NBD_EXPORT,
+                socket.display()
+            ),
+        };
+        let url: pager::NbdUrl = server
+            .url
+            .parse()
+            .map_err(|e: pager::nbd::ParseNbdUrlError| VmmError::Bench(e.to_string()))?;
+        let t0 = std::time::Instant::now();
+        loop {
+            let Err(err) =
+                pager::nbd::NbdClient::connect(&url, &pager::nbd::NbdClientConfig::default())
+            else {
+                return Ok(server);
+            };
+            let exited = server.child.try_wait().ok().flatten();
+            if exited.is_some() || t0.elapsed() > Duration::from_secs(10) {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(VmmError::Bench(format!(
+                    "qemu-nbd serving {} on {}: {} ({err}); its stderr: {}",
+                    file.display(),
+                    socket.display(),
+                    exited.map_or_else(|| "no answer within 10 s".into(), |s| s.to_string()),
+                    log.trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its `--memory-source` URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -190,6 +470,11 @@ pub fn catch_interrupts() {
     }
 }
 
+/// True once SIGINT/SIGTERM arrived (after [`catch_interrupts`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err(VmmError::Bench("interrupted (Ctrl-C)".into()));
@@ -200,6 +485,8 @@ fn check_interrupted() -> Result<()> {
 /// The snapshots of a measurement, in a temporary directory removed when this is dropped.
 #[derive(Debug)]
 pub struct Snapshots {
+    // Declared first: dropped (qemu-nbd killed) before the directory is removed.
+    servers: BTreeMap<PathBuf, NbdServer>,
     dir: tempfile::TempDir,
     made: BTreeMap<(Setup, u8), PathBuf>,
 }
@@ -215,6 +502,7 @@ impl Snapshots {
                 err,
             })?;
         Ok(Snapshots {
+            servers: BTreeMap::new(),
             dir,
             made: BTreeMap::new(),
         })
@@ -223,6 +511,23 @@ impl Snapshots {
     /// Where they are.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The `--memory-source` URL of an NBD export of `snapshot`'s memory file: `qemu-nbd`
+    /// on a unix socket in the temporary directory, started now if needed, killed when this
+    /// is dropped.
+    pub fn nbd_url(&mut self, snapshot: &Path) -> Result<String> {
+        if let Some(s) = self.servers.get(snapshot) {
+            return Ok(s.url().to_string());
+        }
+        let socket = self
+            .dir
+            .path()
+            .join(format!("nbd-{}.sock", self.servers.len()));
+        let server = NbdServer::start(&snapshot.join("memory.raw"), &socket)?;
+        let url = server.url().to_string();
+        self.servers.insert(snapshot.to_path_buf(), server);
+        Ok(url)
     }
 
     /// The snapshot of `setup` booted with `apf`, taken now if needed.
@@ -286,6 +591,15 @@ pub struct Sample {
     pub elapsed_ms: f64,
     /// VM creation, eager memory and state, ms (time to the first guest instruction).
     pub setup_ms: f64,
+    /// Scan tasks whose checksum matched the fill pattern (a mismatch fails the run).
+    pub scans_verified: u64,
+    /// Pages a prefetch mapped before any fault on them.
+    pub prefetched_pages: u64,
+    /// Every lazily served page present this long after the pager started, ms (`None`:
+    /// not before the guest exited, or eager).
+    pub resident_ms: Option<f64>,
+    /// Fetches retried or failed for good (a checksum mismatch or an I/O error).
+    pub fetch_retries: u64,
 }
 
 /// p50 and p99.
@@ -305,9 +619,20 @@ fn ms(us: u64) -> f64 {
 /// Restores `snapshot` per `point` and runs it to its exit; checks the run (exit status 0,
 /// every scan checksum right, scans done) and extracts the sample.
 pub fn run_point(snapshot: &Path, point: &Point, window: Duration) -> Result<Sample> {
+    run_point_from(snapshot, point, window, &SourceOptions::default())
+}
+
+/// [`run_point`] with guest memory from `src` (an NBD export: the sample then checks that
+/// the restore read it from there) and its prefetch policy.
+pub fn run_point_from(
+    snapshot: &Path,
+    point: &Point,
+    window: Duration,
+    src: &SourceOptions,
+) -> Result<Sample> {
     check_interrupted()?;
     let (lazy, apf) = point.mode.restore_path();
-    let report = crate::restore::restore(&RestoreOptions {
+    let opts = RestoreOptions {
         dir: snapshot.to_path_buf(),
         lazy,
         apf,
@@ -321,7 +646,24 @@ pub fn run_point(snapshot: &Path, point: &Point, window: Duration) -> Result<Sam
         snapshot: None,
         window: Some(window),
         apf_max_outstanding: None,
-    })?;
+    };
+    let report = crate::restore::restore_with(&opts, src)?;
+    let from_nbd = report
+        .restore
+        .as_ref()
+        .is_some_and(|x| x.memory_source.starts_with("NBD"));
+    if from_nbd != src.memory_source.is_some() {
+        return Err(VmmError::Bench(format!(
+            "{} at {:?}: asked for memory from {}, the restore read {}",
+            point.mode,
+            point.fetch_latency,
+            src.memory_source.as_deref().unwrap_or("the memory file"),
+            report
+                .restore
+                .as_ref()
+                .map_or("?", |x| x.memory_source.as_str())
+        )));
+    }
     sample(&report, point)
 }
 
@@ -374,6 +716,14 @@ fn sample(r: &RunReport, point: &Point) -> Result<Sample> {
             p99: ms(l.fault_to_apf_us.p99) * 1000.0,
         });
     Ok(Sample {
+        scans_verified: r
+            .tasks
+            .iter()
+            .filter(|t| t.kind == "scan" && t.checksum_ok == Some(true))
+            .count() as u64,
+        prefetched_pages: lazy.map_or(0, |l| l.pager_prefetched_pages),
+        resident_ms: lazy.and_then(|l| l.resident_at_ms),
+        fetch_retries: lazy.map_or(0, |l| l.pager_fetch_retries + l.pager_fetch_errors),
         compute_work: w.compute_work,
         scan_ms: ms(scan_us),
         faults,
@@ -397,6 +747,11 @@ pub struct Row {
     pub tasks_per_vcpu: u32,
     /// vCPUs.
     pub vcpus: u32,
+    /// Where memory came from: `file` (the snapshot's memory file) or `nbd` (`qemu-nbd`
+    /// serving that file on a unix socket).
+    pub source: Source,
+    /// The pager's prefetch policy: `none`, `readahead` or `fill`.
+    pub prefetch: PrefetchPolicy,
     /// Median compute iterations in the window.
     pub compute_work: u64,
     /// Smallest of the repeats.
@@ -423,9 +778,17 @@ pub struct Row {
     pub timer_ticks: u64,
     /// Median time to the first guest instruction, ms.
     pub setup_ms: f64,
-    /// Compute work over eager's at the same point (median over median).
+    /// Scan tasks whose checksum was verified (the fewest over the repeats).
+    pub scans_verified: u64,
+    /// Median pages prefetched before any fault on them.
+    pub prefetched_pages: u64,
+    /// Median "resident at" over the repeats that got fully resident, ms.
+    pub resident_ms: Option<f64>,
+    /// Fetches retried or failed, summed over the repeats (0 in a healthy run).
+    pub fetch_retries: u64,
+    /// Compute work over eager's (memory file) at the same point (median over median).
     pub work_vs_eager: Option<f64>,
-    /// Compute work over off's at the same point.
+    /// Compute work over off's at the same point, with the same source and prefetch.
     pub work_vs_off: Option<f64>,
     /// Repeats.
     pub repeats: usize,
@@ -444,7 +807,7 @@ fn median_f64(mut v: Vec<f64>) -> f64 {
 }
 
 impl Row {
-    fn new(point: &Point, samples: Vec<Sample>) -> Row {
+    fn new(point: &Point, memory: Memory, samples: Vec<Sample>) -> Row {
         let u = |f: fn(&Sample) -> u64| median_u64(samples.iter().map(f).collect());
         let work: Vec<u64> = samples.iter().map(|s| s.compute_work).collect();
         let scan: Vec<f64> = samples.iter().map(|s| s.scan_ms).collect();
@@ -455,7 +818,14 @@ impl Row {
             }
         }
         let lat: Vec<Percentiles> = samples.iter().filter_map(|s| s.inject_latency_us).collect();
+        let resident: Vec<f64> = samples.iter().filter_map(|s| s.resident_ms).collect();
         Row {
+            source: memory.source,
+            prefetch: memory.prefetch,
+            scans_verified: samples.iter().map(|s| s.scans_verified).min().unwrap_or(0),
+            prefetched_pages: u(|s| s.prefetched_pages),
+            resident_ms: (!resident.is_empty()).then(|| median_f64(resident)),
+            fetch_retries: samples.iter().map(|s| s.fetch_retries).sum(),
             mode: point.mode,
             fetch_latency_us: u64::try_from(point.fetch_latency.as_micros()).unwrap_or(u64::MAX),
             tasks_per_vcpu: point.setup.tasks_per_vcpu,
@@ -514,12 +884,23 @@ pub fn execute(
     snapshots: &mut Snapshots,
     mut progress: impl FnMut(&Point, Option<&Sample>),
 ) -> Result<Vec<Row>> {
-    for setup in &plan.setups {
-        for mode in &plan.modes {
-            snapshots.get(*setup, mode.booted())?;
-        }
-    }
-    let mut samples: BTreeMap<Point, Vec<Sample>> = BTreeMap::new();
+    execute_with(plan, &Variants::default(), snapshots, |p, _, s| {
+        progress(p, s);
+    })
+}
+
+/// [`execute`] plus the rows of `variants` (other sources and prefetch policies), each
+/// measured right after the plain row of its point. NBD rows read each snapshot through
+/// `qemu-nbd` ([`Snapshots::nbd_url`], started before the first restore). Rows come per
+/// (setup, latency): the plain rows in mode order, then each other memory's.
+pub fn execute_with(
+    plan: &Plan,
+    variants: &Variants,
+    snapshots: &mut Snapshots,
+    mut progress: impl FnMut(&Point, Memory, Option<&Sample>),
+) -> Result<Vec<Row>> {
+    let urls = take_snapshots(plan, variants, snapshots)?;
+    let mut samples: BTreeMap<(Point, Memory), Vec<Sample>> = BTreeMap::new();
     for _ in 0..plan.repeats {
         for setup in &plan.setups {
             for latency in &plan.latencies {
@@ -530,19 +911,36 @@ pub fn execute(
                         fetch_latency: *latency,
                     };
                     let snap = snapshots.get(*setup, mode.booted())?;
-                    progress(&point, None);
-                    let s = run_point(&snap, &point, plan.window).map_err(|e| match e {
-                        VmmError::Bench(m) => VmmError::Bench(m),
-                        e => VmmError::Bench(format!(
-                            "{} at {:?} ({} vCPU, {} tasks per vCPU): {e}",
-                            point.mode,
-                            point.fetch_latency,
-                            point.setup.vcpus,
-                            point.setup.tasks_per_vcpu
-                        )),
-                    })?;
-                    progress(&point, Some(&s));
-                    samples.entry(point).or_default().push(s);
+                    for memory in variants.memories_for(*latency, *mode) {
+                        let src = SourceOptions {
+                            memory_source: match memory.source {
+                                Source::File => None,
+                                Source::Nbd => Some(urls.get(&snap).cloned().ok_or_else(|| {
+                                    VmmError::Bench(format!("no NBD server for {}", snap.display()))
+                                })?),
+                            },
+                            prefetch: memory.prefetch.into(),
+                            ..SourceOptions::default()
+                        };
+                        progress(&point, memory, None);
+                        let s = run_point_from(&snap, &point, plan.window, &src).map_err(|e| {
+                            let at = format!(
+                                "{} at {:?} ({} vCPU, {} tasks per vCPU, memory {})",
+                                point.mode,
+                                point.fetch_latency,
+                                point.setup.vcpus,
+                                point.setup.tasks_per_vcpu,
+                                memory.label()
+                            );
+                            match e {
+                                VmmError::Bench(m) if memory == Memory::FILE => VmmError::Bench(m),
+                                VmmError::Bench(m) => VmmError::Bench(format!("{at}: {m}")),
+                                e => VmmError::Bench(format!("{at}: {e}")),
+                            }
+                        })?;
+                        progress(&point, memory, Some(&s));
+                        samples.entry((point, memory)).or_default().push(s);
+                    }
                 }
             }
         }
@@ -550,34 +948,90 @@ pub fn execute(
     let mut rows = Vec::new();
     for setup in &plan.setups {
         for latency in &plan.latencies {
-            let mut group: Vec<Row> = plan
-                .modes
-                .iter()
-                .map(|mode| {
-                    let point = Point {
-                        setup: *setup,
-                        mode: *mode,
-                        fetch_latency: *latency,
-                    };
-                    Row::new(&point, samples.remove(&point).unwrap_or_default())
-                })
-                .collect();
-            let of = |m: Mode, g: &[Row]| g.iter().find(|r| r.mode == m).map(|r| r.compute_work);
-            let eager = of(Mode::Eager, &group);
-            let off = of(Mode::Off, &group);
-            for r in &mut group {
-                #[allow(clippy::cast_precision_loss)]
-                let ratio = |base: Option<u64>| {
-                    base.filter(|b| *b > 0)
-                        .map(|b| r.compute_work as f64 / b as f64)
-                };
-                r.work_vs_eager = ratio(eager);
-                r.work_vs_off = ratio(off);
-            }
-            rows.extend(group);
+            rows.extend(group(plan, variants, *setup, *latency, &mut samples));
         }
     }
     Ok(rows)
+}
+
+/// Takes the snapshots of `plan` and starts the NBD servers its variants need; returns
+/// their URLs by snapshot.
+fn take_snapshots(
+    plan: &Plan,
+    variants: &Variants,
+    snapshots: &mut Snapshots,
+) -> Result<BTreeMap<PathBuf, String>> {
+    let nbd = |m: &Mode| {
+        variants.uses_nbd()
+            && variants.modes.contains(m)
+            && plan
+                .latencies
+                .iter()
+                .any(|l| variants.latencies.contains(l))
+    };
+    let mut urls: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for setup in &plan.setups {
+        for mode in &plan.modes {
+            let snap = snapshots.get(*setup, mode.booted())?;
+            if nbd(mode) && !urls.contains_key(&snap) {
+                check_interrupted()?;
+                let url = snapshots.nbd_url(&snap)?;
+                urls.insert(snap, url);
+            }
+        }
+    }
+    Ok(urls)
+}
+
+/// The rows of one (setup, latency): the plain rows in mode order, then each other
+/// memory's; with their ratios to eager (memory file) and to off (same memory).
+fn group(
+    plan: &Plan,
+    variants: &Variants,
+    setup: Setup,
+    latency: Duration,
+    samples: &mut BTreeMap<(Point, Memory), Vec<Sample>>,
+) -> Vec<Row> {
+    let mut row = |mode: Mode, memory: Memory| {
+        let point = Point {
+            setup,
+            mode,
+            fetch_latency: latency,
+        };
+        samples
+            .remove(&(point, memory))
+            .map(|v| Row::new(&point, memory, v))
+    };
+    let mut group: Vec<Row> = plan
+        .modes
+        .iter()
+        .filter_map(|m| row(*m, Memory::FILE))
+        .collect();
+    for memory in &variants.memories {
+        for mode in &plan.modes {
+            group.extend(row(*mode, *memory));
+        }
+    }
+    let of = |m: Mode, mem: (Source, PrefetchPolicy), g: &[Row]| {
+        g.iter()
+            .find(|r| r.mode == m && (r.source, r.prefetch) == mem)
+            .map(|r| r.compute_work)
+    };
+    let eager = of(Mode::Eager, (Source::File, PrefetchPolicy::None), &group);
+    let offs: Vec<Option<u64>> = group
+        .iter()
+        .map(|r| of(Mode::Off, (r.source, r.prefetch), &group))
+        .collect();
+    for (r, off) in group.iter_mut().zip(offs) {
+        #[allow(clippy::cast_precision_loss)]
+        let ratio = |base: Option<u64>| {
+            base.filter(|b| *b > 0)
+                .map(|b| r.compute_work as f64 / b as f64)
+        };
+        r.work_vs_eager = ratio(eager);
+        r.work_vs_off = ratio(off);
+    }
+    group
 }
 
 /// Checks what every measurement must show whatever the speed: eager has no fault, `off`
@@ -587,19 +1041,44 @@ pub fn consistency(rows: &[Row]) -> Vec<String> {
     let mut bad = Vec::new();
     for r in rows {
         let at = format!(
-            "{} at {} µs, {} vCPU, {} tasks/vCPU",
-            r.mode, r.fetch_latency_us, r.vcpus, r.tasks_per_vcpu
+            "{} at {} µs, {} vCPU, {} tasks/vCPU, memory {}",
+            r.mode,
+            r.fetch_latency_us,
+            r.vcpus,
+            r.tasks_per_vcpu,
+            Memory {
+                source: r.source,
+                prefetch: r.prefetch
+            }
+            .label()
         );
+        let prefetching = r.prefetch != PrefetchPolicy::None;
         match r.mode {
             Mode::Eager if r.faults != 0 => bad.push(format!("{at}: {} faults", r.faults)),
             Mode::Off | Mode::OffHalt if r.apf_injected != 0 => {
                 bad.push(format!("{at}: {} APFs injected", r.apf_injected));
             }
-            m if m.is_apf() && r.faults > 0 && r.apf_injected == 0 => {
+            // A prefetch may map a faulted page before its vCPU takes the fault (no APF
+            // then), or every page before any fault.
+            m if m.is_apf() && !prefetching && r.faults > 0 && r.apf_injected == 0 => {
                 bad.push(format!("{at}: {} faults but no APF injected", r.faults));
             }
-            m if m != Mode::Eager && r.faults == 0 => bad.push(format!("{at}: no fault")),
+            m if m != Mode::Eager && r.faults == 0 && !(prefetching && r.prefetched_pages > 0) => {
+                bad.push(format!("{at}: no fault"));
+            }
             _ => {}
+        }
+        if r.scans_verified < u64::from(r.vcpus) {
+            bad.push(format!(
+                "{at}: {} of {} scans verified",
+                r.scans_verified, r.vcpus
+            ));
+        }
+        if r.fetch_retries > 0 {
+            bad.push(format!(
+                "{at}: {} fetches retried or failed (checksum mismatch or I/O error)",
+                r.fetch_retries
+            ));
         }
     }
     bad
@@ -748,16 +1227,104 @@ mod tests {
             scan_ms: 1.0,
             faults: 16,
             apf_injected: apfs,
+            scans_verified: 1,
             ..Sample::default()
         };
-        let r = Row::new(&point, vec![s(5, 0), s(1, 0), s(9, 0)]);
+        let r = Row::new(&point, Memory::FILE, vec![s(5, 0), s(1, 0), s(9, 0)]);
         assert_eq!(
             (r.compute_work, r.compute_work_min, r.compute_work_max),
             (5, 1, 9)
         );
         assert!(consistency(&[r]).is_empty());
-        let bad = Row::new(&point, vec![s(5, 3)]);
+        let bad = Row::new(&point, Memory::FILE, vec![s(5, 3)]);
         assert_eq!(consistency(&[bad]).len(), 1);
         assert!(utc_now().ends_with('Z'));
+    }
+
+    #[test]
+    fn variants_cross_sources_and_policies_less_the_plain_pair() {
+        let ms = Duration::from_millis;
+        let v = Variants::new(
+            &Source::ALL,
+            &PrefetchPolicy::ALL,
+            vec![ms(1)],
+            vec![Mode::Off, Mode::ApfV2],
+        );
+        let labels: Vec<String> = v.memories.iter().map(|m| m.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "file+readahead",
+                "file+fill",
+                "nbd",
+                "nbd+readahead",
+                "nbd+fill"
+            ]
+        );
+        assert!(v.uses_nbd() && !v.without_nbd().uses_nbd());
+        assert_eq!(v.memories_for(ms(1), Mode::ApfV2).len(), 6);
+        assert_eq!(v.memories_for(ms(1), Mode::Eager), [Memory::FILE]);
+        assert_eq!(v.memories_for(ms(0), Mode::Off), [Memory::FILE]);
+        let setup = Setup {
+            vcpus: 1,
+            tasks_per_vcpu: 2,
+            scan_per_vcpu: 1 << 20,
+            mem_size: 48 << 20,
+        };
+        let plan = Plan {
+            setups: vec![setup; 2],
+            latencies: vec![ms(0), ms(1)],
+            modes: vec![Mode::Eager, Mode::Off, Mode::ApfV2],
+            repeats: 3,
+            window: ms(100),
+        };
+        // 2 setups × 1 latency × 2 modes × 5 memories × 3 repeats.
+        assert_eq!(v.runs(&plan), 60);
+        assert!(
+            Variants::new(
+                &[Source::File],
+                &[PrefetchPolicy::None],
+                vec![ms(1)],
+                vec![]
+            )
+            .memories
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_prefetched_row_may_have_no_fault_but_must_verify_its_scans() {
+        let point = Point {
+            setup: Setup {
+                vcpus: 1,
+                tasks_per_vcpu: 2,
+                scan_per_vcpu: 1 << 20,
+                mem_size: 48 << 20,
+            },
+            mode: Mode::ApfV2,
+            fetch_latency: Duration::from_millis(1),
+        };
+        let fill = Memory {
+            source: Source::Nbd,
+            prefetch: PrefetchPolicy::Fill,
+        };
+        let s = Sample {
+            scans_verified: 1,
+            prefetched_pages: 256,
+            ..Sample::default()
+        };
+        assert!(consistency(&[Row::new(&point, fill, vec![s.clone()])]).is_empty());
+        assert_eq!(
+            consistency(&[Row::new(&point, Memory::FILE, vec![s.clone()])]).len(),
+            1
+        );
+        let unverified = Sample {
+            scans_verified: 0,
+            ..s
+        };
+        assert_eq!(
+            consistency(&[Row::new(&point, fill, vec![unverified])]).len(),
+            1
+        );
     }
 }

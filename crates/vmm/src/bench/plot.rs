@@ -4,7 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::{Mode, Row};
+use super::{Mode, PrefetchPolicy, Row, Source};
 use crate::error::{Result, VmmError};
 
 fn color(m: Mode) -> RGBColor {
@@ -26,14 +26,16 @@ fn latency_label(us: u64) -> String {
     }
 }
 
-/// Draws the rows of `(vcpus, tasks_per_vcpu)` into `out`: x = fetch latency (the measured
-/// values, evenly spaced), y = median compute work in millions of iterations, with the
-/// repeats' min..max as a bar.
+/// Draws the plain rows (memory file, no prefetch) of `(vcpus, tasks_per_vcpu)` into
+/// `out`: x = fetch latency (the measured values, evenly spaced), y = median compute work
+/// in millions of iterations, with the repeats' min..max as a bar.
 #[allow(clippy::cast_precision_loss)]
 pub fn plot(rows: &[Row], vcpus: u32, tasks_per_vcpu: u32, out: &Path) -> Result<()> {
     let sel: Vec<&Row> = rows
         .iter()
         .filter(|r| r.vcpus == vcpus && r.tasks_per_vcpu == tasks_per_vcpu)
+        // The plain rows only (memory file, no prefetch): one line per mode.
+        .filter(|r| (r.source, r.prefetch) == (Source::File, PrefetchPolicy::None))
         .collect();
     let mut lats: Vec<u64> = sel.iter().map(|r| r.fetch_latency_us).collect();
     lats.sort_unstable();
