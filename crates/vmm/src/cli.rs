@@ -34,6 +34,45 @@ pub enum Command {
     Demo(DemoArgs),
     /// Sweep fetch latency × tasks per vCPU × vCPUs × modes; write JSON (and an SVG plot).
     Bench(BenchArgs),
+    /// Restore random workloads in random modes, latencies and prefetch policies over and
+    /// over for --duration; check every run (checksums, no task stuck, every APF token
+    /// answered) and report the counts.
+    Soak(SoakArgs),
+}
+
+/// `apfvm soak` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Each iteration picks (from --seed) 1 or 2 vCPUs, compute:k,scan:m (k 1..=4, one scan of 1-4
+MiB per vCPU), a guest booted with APF v1 or v2, snapshots it (temporary directory, removed
+after the iteration) and restores it: eager, lazy off, lazy off-halt, lazy userspace APF
+(apf-v1/apf-v2) or lazy kernel APF (v2 guests), with a random fetch latency (fixed 0-5 ms,
+uniform:, exp:) and prefetch (none, readahead, fill). Every run must exit 0 with every task
+done before --timeout, every scan checksum verified on the host, and every APF token the
+engine injected answered (page ready or covered by a wake-all, none outstanding).
+
+One line per iteration, then a summary (iterations by mode, faults, APFs, page readies,
+wake-alls, lost wakeups, checksum mismatches, VMM errors and panics).
+
+Exit status: 0 if every iteration passed; 1 if one failed; 125 when apfvm cannot run
+(no /dev/kvm, bad option).
+
+Examples:
+  apfvm soak --duration 10s
+  apfvm soak --duration 30m --seed 1 --json /tmp/soak.json")]
+pub struct SoakArgs {
+    /// How long to keep starting iterations (e.g. 10s, 30m, 1h).
+    #[arg(long)]
+    pub duration: String,
+    /// RNG seed (default: from the clock; printed, so a run can be repeated).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write the summary and every iteration as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A restore not finished after this many seconds counts as stuck.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 /// `apfvm demo` options.
@@ -88,7 +127,16 @@ Full sweep: fetch latency 0, 100us, 1ms, 5ms × tasks per vCPU 1, 2, 4, 8 × vCP
 modes, 3 repeats (a few minutes). --quick: latency 0 and 1ms × 1 and 4 tasks × 1 vCPU, one
 repeat, a 150 ms window (CI). The JSON has metadata and a \"runs\" array, one element per
 point (medians, min/max, every repeat). --plot draws compute work against fetch latency,
-one line per mode, for 1 vCPU and 4 tasks per vCPU.")]
+one line per mode, for 1 vCPU and 4 tasks per vCPU (memory file, no prefetch).
+
+Memory rows: every point is measured from the snapshot's memory file without prefetch
+(source \"file\", prefetch \"none\" in the JSON); at --sources-latencies and for
+--sources-modes it is measured again with each other pair of --sources × --prefetch (by
+default file+readahead, file+fill, nbd, nbd+readahead, nbd+fill at 1ms for off, apf-v1 and
+apf-v2; --quick too). NBD rows: bench serves each snapshot's memory file with `qemu-nbd
+--read-only --persistent --shared=8 --format=raw` on a unix socket in its temporary
+directory (killed at the end, also on error and Ctrl-C); without qemu-nbd they are skipped
+with one line on stderr. `--sources file --prefetch none`: the plain rows only.")]
 pub struct BenchArgs {
     /// Write the results here.
     #[arg(long)]
@@ -111,6 +159,18 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Memory sources of the memory rows (comma list: file, nbd).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::bench::Source::ALL)]
+    pub sources: Vec<crate::bench::Source>,
+    /// Prefetch policies of the memory rows (comma list: none, readahead, fill).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::bench::PrefetchPolicy::ALL)]
+    pub prefetch: Vec<crate::bench::PrefetchPolicy>,
+    /// Fetch latencies of the sweep at which the memory rows are measured (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "1ms")]
+    pub sources_latencies: Vec<String>,
+    /// Modes the memory rows are measured for (comma list).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [crate::bench::Mode::Off, crate::bench::Mode::ApfV1, crate::bench::Mode::ApfV2])]
+    pub sources_modes: Vec<crate::bench::Mode>,
 }
 
 /// `apfvm snapshot` options.

@@ -15,7 +15,8 @@
 //! - [`snapshot`] (format, taking one), [`restore`] (eager and lazy), [`lazy`] (the pager
 //!   behind lazily restored memory); the userspace APF path is in [`apf`].
 //! - [`bench`] (shared orchestration: snapshots, one restore per mode, medians, plot) and
-//!   [`demo`] (the `apfvm demo` and `apfvm bench` commands).
+//!   [`demo`] (the `apfvm demo` and `apfvm bench` commands); [`soak`] (`apfvm soak`: random
+//!   restores over and over, every run checked).
 //! - [`cli`]: the `apfvm` command line (the binary is `src/main.rs`).
 
 pub mod apf;
@@ -39,6 +40,7 @@ pub mod report;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
+pub mod soak;
 pub mod vcpu_loop;
 pub mod workload;
 

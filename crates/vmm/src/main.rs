@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use vmm::cli::{BenchArgs, Cli, Command, DemoArgs, RestoreApf, RestoreArgs, RunArgs, SnapshotArgs};
+use vmm::cli::{
+    BenchArgs, Cli, Command, DemoArgs, RestoreApf, RestoreArgs, RunArgs, SnapshotArgs, SoakArgs,
+};
 use vmm::layout::parse_size;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{VmConfig, guest_image};
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(&args),
         Command::Demo(args) => demo(&args),
         Command::Bench(args) => bench(&args),
+        Command::Soak(args) => soak(&args),
     };
     match result {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
@@ -222,6 +225,14 @@ fn bench(args: &BenchArgs) -> anyhow::Result<u32> {
         window,
         progress: !args.no_progress,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        sources: args.sources.clone(),
+        prefetch: args.prefetch.clone(),
+        sources_latencies: args
+            .sources_latencies
+            .iter()
+            .map(|s| duration("--sources-latencies", s))
+            .collect::<anyhow::Result<_>>()?,
+        sources_modes: args.sources_modes.clone(),
     })
     .context("apfvm bench")?;
     print!("{table}");
@@ -230,4 +241,27 @@ fn bench(args: &BenchArgs) -> anyhow::Result<u32> {
         println!("apfvm: plot written to {}", p.display());
     }
     Ok(0)
+}
+
+fn soak(args: &SoakArgs) -> anyhow::Result<u32> {
+    let duration = vmm::soak::parse_duration(&args.duration)
+        .with_context(|| format!("--duration {:?}: expected e.g. 10s, 30m, 1h", args.duration))?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let report = vmm::soak::soak(&vmm::soak::SoakOptions {
+        duration,
+        seed,
+        restore_timeout: Duration::from_secs(args.timeout.max(1)),
+        json: args.json.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    })
+    .context("apfvm soak")?;
+    print!("{}", report.summary.text());
+    if let Some(p) = &args.json {
+        println!("apfvm: results written to {}", p.display());
+    }
+    Ok(u32::from(!report.summary.passed))
 }
