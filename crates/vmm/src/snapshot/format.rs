@@ -245,6 +245,39 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Parses and checks the bytes of a `manifest.json` exactly as [`Snapshot::open_manifest`]
+    /// does (magic, format version, schema, consistency); errors name the file
+    /// `manifest.json`. The fuzz target `fuzz/fuzz_targets/manifest.rs` feeds it arbitrary
+    /// bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
+        Manifest::parse(bytes, Path::new(MANIFEST))
+    }
+
+    fn parse(bytes: &[u8], path: &Path) -> Result<Manifest, SnapshotError> {
+        let bad = |why: String| SnapshotError::BadManifest {
+            path: path.to_path_buf(),
+            why,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if value.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
+            return Err(bad(format!("magic is not {MAGIC:?}")));
+        }
+        let found = value
+            .get("format")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
+        if found != FORMAT_VERSION {
+            return Err(SnapshotError::Version {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        manifest.check().map_err(bad)?;
+        Ok(manifest)
+    }
+
     fn check(&self) -> Result<(), String> {
         let m = &self.memory;
         if self.config.vcpus == 0 || self.vcpus.len() != self.config.vcpus as usize {
@@ -257,6 +290,19 @@ impl Manifest {
         if self.engine.vcpus.len() != self.vcpus.len() {
             return Err("engine state does not match the vCPU count".into());
         }
+        // Restore creates vCPU `index` and indexes its per-vCPU tables with it (a fuzz find:
+        // an index past the count panicked the vCPU thread).
+        let misplaced = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, s)| s.index as usize != *i);
+        if let Some((i, s)) = misplaced {
+            return Err(format!(
+                "vCPU state {i} has index {} (states are saved in index order)",
+                s.index
+            ));
+        }
         if m.size != self.config.mem_size {
             return Err(format!(
                 "memory size {} differs from the configured {}",
@@ -267,6 +313,14 @@ impl Manifest {
             return Err(format!(
                 "chunk size {} is not a multiple of 4096",
                 m.chunk_size
+            ));
+        }
+        // Restore reads the memory one chunk-sized buffer at a time: a chunk of 1 TiB (with the
+        // one checksum it then needs) aborted it on the allocation.
+        if m.chunk_size > m.size.max(4096) {
+            return Err(format!(
+                "chunk size {} is larger than the memory ({} bytes)",
+                m.chunk_size, m.size
             ));
         }
         if m.crc32.len() as u64 != m.size.div_ceil(m.chunk_size) {
@@ -318,32 +372,7 @@ impl Snapshot {
     pub fn open_manifest(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let path = dir.join(MANIFEST);
         let text = fs::read_to_string(&path).map_err(io(&path))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| SnapshotError::BadManifest {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-        if value.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
-            return Err(SnapshotError::BadManifest {
-                path,
-                why: format!("magic is not {MAGIC:?}"),
-            });
-        }
-        let found = value
-            .get("format")
-            .and_then(serde_json::Value::as_u64)
-            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
-        if found != FORMAT_VERSION {
-            return Err(SnapshotError::Version { path, found });
-        }
-        let manifest: Manifest =
-            serde_json::from_value(value).map_err(|e| SnapshotError::BadManifest {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-        manifest
-            .check()
-            .map_err(|why| SnapshotError::BadManifest { path, why })?;
+        let manifest = Manifest::parse(text.as_bytes(), &path)?;
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             manifest,
