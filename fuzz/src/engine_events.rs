@@ -475,9 +475,11 @@ impl Model {
     fn expected_en(&self, value: u64) -> Result<(), MsrError> {
         oracle_en(value, self.features)?;
         // "bits 63..6: guest-physical address of a 64-byte aligned, 64-byte area, in guest
-        // RAM"; checked when ENABLED is set.
+        // RAM"; checked when the value turns APF on (seed: ENABLED; modern: ENABLED and
+        // DELIVERY_AS_INT), the only area KVM maps.
         let gpa = value & !0x3f;
-        if value & 1 != 0 && !in_ram(gpa) {
+        let active = value & 1 != 0 && (!self.modern() || value & 8 != 0);
+        if active && !in_ram(gpa) {
             return Err(MsrError::AreaNotInRam { gpa });
         }
         Ok(())

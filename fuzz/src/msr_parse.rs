@@ -4,7 +4,8 @@
 //! (quoted in `apf_abi::msr`), not from apf-abi's code:
 //!
 //! - none of the three MSRs exists without CPUID bit 4; `_INT`/`_ACK` also need bit 14;
-//! - `_EN`, seed mode (bit 4 only): bits 5..1 reserved;
+//! - `_EN`, seed mode (bit 4 only): bits 5..2 reserved (bit 1, SEND_ALWAYS, is accepted as
+//!   Linux hosts of 2.6.38 to 5.7 accepted it);
 //! - `_EN`, modern mode (bits 4 and 14): bits 5..4 reserved, bit 2 only with CPUID bit 10;
 //! - `_INT`: bits 63..8 reserved; vectors 0..31 refused;
 //! - `_ACK`: bits 63..1 reserved.
@@ -51,8 +52,8 @@ pub fn oracle_en(raw: u64, f: u32) -> Result<(), MsrError> {
         return Err(MsrError::NotAdvertised { msr });
     }
     if f & BIT14 == 0 {
-        // Seed mode: "bits 5..1: reserved, must be zero".
-        let bits = raw & 0b11_1110;
+        // Seed mode as Linux hosts shipped it: "Bits 2:5 are reserved".
+        let bits = raw & 0b11_1100;
         if bits != 0 {
             return Err(MsrError::ReservedBits { msr, bits });
         }

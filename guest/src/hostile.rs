@@ -345,9 +345,10 @@ pub fn task(_t: u32, spec: &TaskSpec) -> u32 {
         }
         "area-unaligned" => {
             let modern = mode == 2;
-            // Offsets 2, 8 are flag bits 1 (SEND_ALWAYS), 3 (DELIVERY_AS_INT) in modern
-            // mode, reserved in seed mode; 16, 32 are reserved in both.
-            c.gp("en-area-plus-2", op::EN_OWN, 2 | 1, !modern);
+            // Offset 2 is flag bit 1 (SEND_ALWAYS) in both modes; offset 8 is bit 3
+            // (DELIVERY_AS_INT) in modern mode, reserved in seed mode; 16, 32 are reserved
+            // in both.
+            c.gp("en-area-plus-2", op::EN_OWN, 2 | 1, false);
             c.gp("en-area-plus-8", op::EN_OWN, 8 | 1, !modern);
             c.gp("en-area-plus-16-gp", op::EN_OWN, 16 | 1, true);
             c.gp("en-area-plus-32-gp", op::EN_OWN, 32 | 1, true);

@@ -1,7 +1,16 @@
 //! The APF MSRs and typed parsing of the values a guest writes to them.
 //!
-//! A host answers every [`MsrError`] with #GP and changes no state, as KVM does for "a write
-//! with reserved bits, or with bit 2/3 set without its CPUID bit" (§3).
+//! A host answers every [`MsrError`] with #GP ("KVM answers a write with reserved bits, or
+//! with bit 2/3 set without its CPUID bit, or with an area it cannot map, with #GP", §3) and
+//! keeps the MSR's previous value. That second half is this project's rule, not KVM's: KVM
+//! stores an `_EN` value whose area it then fails to map (`kvm_pv_enable_async_pf` assigns
+//! `msr_en_val` before `kvm_gfn_to_hva_cache_init` fails), so its RDMSR returns the refused
+//! value. Keeping the old one means a refused write changes nothing a guest can observe.
+//!
+//! "v1" (seed mode) is the seed's protocol as Linux hosts shipped it (2.6.38 to 5.7): the seed
+//! reserved bits 5..1, but `SEND_ALWAYS` (bit 1) was added in 2.6.38 and those hosts accepted
+//! it, and Linux guests of 2.6.38 to 5.8 built with CONFIG_PREEMPT write it. Seed mode
+//! therefore accepts bit 1 with its meaning and reserves bits 5..2.
 
 use core::fmt;
 
@@ -22,7 +31,7 @@ pub const ALL: [u32; 3] = [
 
 /// Bit 0 of `_EN`: APF enabled on this vCPU.
 pub const EN_ENABLED: u64 = 1 << 0;
-/// Bit 1 of `_EN`: deliver even at CPL 0 (v2; reserved in seed mode).
+/// Bit 1 of `_EN`: deliver "page not present" even at CPL 0 (both modes; see the module doc).
 pub const EN_SEND_ALWAYS: u64 = 1 << 1;
 /// Bit 2 of `_EN`: deliver page-not-present as a #PF VM exit to a nested hypervisor.
 pub const EN_DELIVERY_AS_PF_VMEXIT: u64 = 1 << 2;
@@ -30,13 +39,15 @@ pub const EN_DELIVERY_AS_PF_VMEXIT: u64 = 1 << 2;
 pub const EN_DELIVERY_AS_INT: u64 = 1 << 3;
 /// Bits 5..0 of `_EN` are flags; the area address is bits 63..6.
 pub const EN_FLAGS_MASK: u64 = 0x3f;
-/// Seed mode: "bits 5..1: reserved, must be zero".
-pub const EN_RESERVED_SEED: u64 = 0x3e;
+/// Seed mode: bits 5..2 reserved. The seed reserved bits 5..1; Linux hosts from 2.6.38 on
+/// took bit 1 as `SEND_ALWAYS` ("Bits 2:5 are reserved, Should be zero", `data & 0x3c`).
+pub const EN_RESERVED_SEED: u64 = 0x3c;
 /// Modern mode: "bits 5..4 reserved".
 pub const EN_RESERVED_MODERN: u64 = 0x30;
 /// `_INT`: "bits 7..0 vector, 63..8 reserved → #GP".
 pub const INT_RESERVED: u64 = !0xff;
-/// `_ACK`: bit 0 is the acknowledgement; this project treats bits 63..1 as reserved.
+/// `_ACK`: bit 0 is the acknowledgement; this project treats bits 63..1 as reserved (KVM
+/// ignores them; see [`AsyncPfAck::parse`]).
 pub const ACK_RESERVED: u64 = !1;
 /// Lowest vector accepted in `_INT`: 0..31 are the CPU's exception vectors.
 pub const MIN_INT_VECTOR: u8 = 32;
@@ -120,8 +131,9 @@ pub struct AsyncPfEn {
 impl AsyncPfEn {
     /// Parses a value the guest wrote.
     ///
-    /// Seed mode: "bits 5..1: reserved, must be zero". Modern mode: bits 1 and 3 accepted,
-    /// bit 2 only if CPUID bit 10 is offered, bits 5..4 reserved.
+    /// Seed mode: bit 1 (`SEND_ALWAYS`) accepted, bits 5..2 reserved (the seed reserved 5..1;
+    /// see the module doc). Modern mode: bits 1 and 3 accepted, bit 2 only if CPUID bit 10
+    /// is offered, bits 5..4 reserved.
     pub const fn parse(raw: u64, features: PvFeatures) -> Result<AsyncPfEn, MsrError> {
         let msr = MSR_KVM_ASYNC_PF_EN;
         let Some(mode) = features.host_mode() else {
@@ -167,7 +179,7 @@ impl AsyncPfEn {
     pub const fn enabled(self) -> bool {
         self.raw & EN_ENABLED != 0
     }
-    /// Bit 1: deliver even at CPL 0.
+    /// Bit 1: deliver "page not present" even at CPL 0 (in both modes).
     pub const fn send_always(self) -> bool {
         self.raw & EN_SEND_ALWAYS != 0
     }
@@ -293,7 +305,7 @@ mod tests {
 
     #[test]
     fn seed_mode_every_reserved_bit_is_refused() {
-        for bit in 1..=5 {
+        for bit in 2..=5 {
             let raw = AREA | 1 | (1 << bit);
             assert_eq!(
                 AsyncPfEn::parse(raw, SEED),
@@ -317,6 +329,26 @@ mod tests {
         assert!(!off.enabled());
         assert_eq!(off.version(), None);
         assert_eq!(AsyncPfEn::parse(0, SEED).unwrap().version(), None);
+    }
+
+    /// Linux guests of 2.6.38 to 5.8 built with CONFIG_PREEMPT write bit 1 in seed mode.
+    #[test]
+    fn seed_mode_accepts_send_always_with_its_meaning() {
+        let en = AsyncPfEn::parse(AREA | 0b11, SEED).unwrap();
+        assert!(en.send_always());
+        assert_eq!(en.version(), Some(Version::V1));
+        assert_eq!(en.area_gpa(), AREA);
+        assert!(!AsyncPfEn::parse(AREA | 1, SEED).unwrap().send_always());
+        // Disabled with bit 1 is a valid disable.
+        assert_eq!(AsyncPfEn::parse(AREA | 0b10, SEED).unwrap().version(), None);
+        // Bit 1 next to a reserved bit is still refused, for the reserved bit only.
+        assert_eq!(
+            AsyncPfEn::parse(AREA | 0b111, SEED),
+            Err(MsrError::ReservedBits {
+                msr: MSR_KVM_ASYNC_PF_EN,
+                bits: 0b100
+            })
+        );
     }
 
     #[test]

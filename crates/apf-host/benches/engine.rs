@@ -323,7 +323,7 @@ fn msr_parse(c: &mut Criterion) {
     let cases = [
         ("en_v1", AREA | 1, PvFeatures::SEED),
         ("en_v2", AREA | 9, PvFeatures::MODERN),
-        ("en_v1_reserved_gp", AREA | 3, PvFeatures::SEED),
+        ("en_v1_reserved_gp", AREA | 5, PvFeatures::SEED),
     ];
     for (id, raw, features) in cases {
         g.bench_function(id, |b| {

@@ -72,7 +72,7 @@ pub enum FallbackReason {
     Inert,
     /// "paging on" is a condition for injecting (§4).
     PagingOff,
-    /// "(SEND_ALWAYS or CPL 3)" (§4); seed mode has no SEND_ALWAYS, so CPL 3 only.
+    /// "(SEND_ALWAYS or CPL 3)" (§4).
     NotUserMode,
     /// "the host must never inject while IF = 0" (§2).
     InterruptsDisabled,

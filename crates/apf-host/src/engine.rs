@@ -229,7 +229,7 @@ impl Engine {
         if !state.paging {
             return Err(FallbackReason::PagingOff);
         }
-        // Seed mode refuses bit 1 as reserved, so a v1 vCPU is CPL 3 only.
+        // SEND_ALWAYS (bit 1) is accepted in both modes (apf_abi::msr).
         if state.cpl != 3 && !en.send_always() {
             return Err(FallbackReason::NotUserMode);
         }
@@ -477,11 +477,28 @@ mod tests {
         injected(&mut e, 0, PAGE, VcpuState::KERNEL);
     }
 
+    /// Issue 14 item 10: Linux guests of 2.6.38 to 5.8 built with CONFIG_PREEMPT enable v1
+    /// with SEND_ALWAYS; it means what it means in v2.
     #[test]
-    fn seed_mode_has_no_send_always_so_cpl_3_only() {
+    fn seed_mode_send_always_allows_cpl_0() {
         let mut e = v1(1);
-        assert!(e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 0b11).is_err());
         assert_eq!(sync(&mut e, VcpuState::KERNEL), FallbackReason::NotUserMode);
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 0b11).unwrap();
+        assert_eq!(e.version(0), Some(Version::V1));
+        assert_eq!(e.msr_read(0, MSR_KVM_ASYNC_PF_EN), Ok(area(0) | 0b11));
+        injected(&mut e, 0, PAGE, VcpuState::KERNEL);
+        drain(&mut e);
+        // Without it again: CPL 3 only.
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        e.delivery_window(0, VcpuState::USER).unwrap();
+        drain(&mut e);
+        assert_eq!(
+            match e.fault(0, PAGE + 0x1000, VcpuState::KERNEL).unwrap() {
+                FaultOutcome::Sync(r) => r,
+                FaultOutcome::Injected(t) => panic!("injected {t:?}"),
+            },
+            FallbackReason::NotUserMode
+        );
     }
 
     #[test]

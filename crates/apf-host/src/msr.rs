@@ -11,8 +11,11 @@ use crate::error::Error;
 /// Parses a value for `_EN` and checks its area: "KVM answers a write with reserved bits, or
 /// with bit 2/3 set without its CPUID bit, or with an area it cannot map, with #GP" (§3).
 ///
-/// The area is checked whenever bit 0 is set (also for an inert modern-mode value); a write
-/// that disables APF is never refused for its address, so a guest can always turn APF off.
+/// The area is checked only for a value that turns APF on (v1 or v2), the one KVM maps: a
+/// write that disables APF is never refused for its address, so a guest can always turn APF
+/// off, and an inert modern-mode value (ENABLED without DELIVERY_AS_INT) is accepted
+/// whatever its address, as KVM accepts it (`kvm_pv_async_pf_enabled` is false for it, so
+/// `kvm_pv_enable_async_pf` returns before `kvm_gfn_to_hva_cache_init`).
 pub(crate) fn parse_en(
     raw: u64,
     features: PvFeatures,
@@ -20,7 +23,7 @@ pub(crate) fn parse_en(
 ) -> Result<AsyncPfEn, MsrError> {
     let en = AsyncPfEn::parse(raw, features)?;
     // "bits 63..6: guest-physical address of a 64-byte aligned, 64-byte area, in guest RAM".
-    if en.enabled() && !ram.contains_area(en.area_gpa()) {
+    if en.version().is_some() && !ram.contains_area(en.area_gpa()) {
         return Err(MsrError::AreaNotInRam { gpa: en.area_gpa() });
     }
     Ok(en)
@@ -29,9 +32,11 @@ pub(crate) fn parse_en(
 impl Engine {
     /// The guest wrote `value` to MSR `msr` on vCPU `vcpu`.
     ///
-    /// [`Error::Gp`]: answer #GP; nothing changed. `_EN` with ENABLED (and, in modern mode,
-    /// DELIVERY_AS_INT) queues a wake-all; any other `_EN` value disables APF on the vCPU and
-    /// drops everything outstanding. `_ACK` = 1 lets the next "page ready" go.
+    /// [`Error::Gp`]: answer #GP; nothing changed, the MSR keeps its previous value (KVM
+    /// instead stores an `_EN` value whose area it cannot map; see `apf_abi::msr`). `_EN`
+    /// with ENABLED (and, in modern mode, DELIVERY_AS_INT) queues a wake-all; any other
+    /// `_EN` value disables APF on the vCPU and drops everything outstanding. `_ACK` = 1
+    /// lets the next "page ready" go.
     pub fn msr_write(&mut self, vcpu: usize, msr: u32, value: u64) -> Result<(), Error> {
         self.check_vcpu(vcpu)?;
         let features = self.config.features;
@@ -148,16 +153,56 @@ mod tests {
     }
 
     #[test]
-    fn seed_mode_bits_5_to_1_reserved_gp() {
+    fn seed_mode_bits_5_to_2_reserved_gp_and_bit_1_accepted() {
         let mut e = engine(PvFeatures::SEED, 1);
-        for bit in 1..=5 {
+        for bit in 2..=5 {
             assert!(matches!(
                 gp(e.msr_write(0, EN, area(0) | 1 | 1 << bit)),
                 MsrError::ReservedBits { .. }
             ));
         }
-        assert_eq!(e.counters().gp.reserved_bits, 5);
+        assert_eq!(e.counters().gp.reserved_bits, 4);
         assert_eq!(e.version(0), None);
+        // SEND_ALWAYS, as Linux hosts of 2.6.38 to 5.7 accepted it (issue 14 item 10).
+        e.msr_write(0, EN, area(0) | 0b11).unwrap();
+        assert_eq!(e.version(0), Some(Version::V1));
+        assert!(
+            e.pending_delivery(0),
+            "the enable path ran: wake-all queued"
+        );
+    }
+
+    /// Issue 14 item 12: KVM never maps the area of an inert value (ENABLED without
+    /// DELIVERY_AS_INT in modern mode), so it accepts any address; so does apfvm.
+    #[test]
+    fn modern_inert_value_area_is_not_checked() {
+        let mut e = engine(PvFeatures::MODERN, 1);
+        for raw in [RAM_END | 1, RAM_END | 0b11, 0xdead_0000_0000 | 1] {
+            e.msr_write(0, EN, raw).unwrap();
+            assert_eq!(e.msr_read(0, EN), Ok(raw));
+            assert_eq!(e.version(0), None);
+            assert!(!e.pending_delivery(0));
+        }
+        // The same address with DELIVERY_AS_INT would be mapped: #GP, the inert value stays.
+        assert_eq!(
+            gp(e.msr_write(0, EN, RAM_END | 9)),
+            MsrError::AreaNotInRam { gpa: RAM_END }
+        );
+        assert_eq!(e.msr_read(0, EN), Ok(0xdead_0000_0000 | 1));
+        assert_eq!(e.counters().gp.total(), 1);
+    }
+
+    /// Issue 14 item 13: a refused value leaves the previous one readable (KVM would have
+    /// stored the refused one).
+    #[test]
+    fn refused_en_keeps_the_previous_value() {
+        for mut e in [v1(1), v2(1)] {
+            let before = e.msr_read(0, EN).unwrap();
+            let flags = before & 0x3f;
+            assert!(e.msr_write(0, EN, RAM_END | flags).is_err());
+            assert_eq!(e.msr_read(0, EN), Ok(before));
+            assert!(e.version(0).is_some());
+        }
     }
 
     #[test]

@@ -70,7 +70,7 @@ fn expected(features: PvFeatures, msr: u32, value: u64) -> Result<(), Error> {
     let r = match msr {
         MSR_KVM_ASYNC_PF_EN => AsyncPfEn::parse(value, features).and_then(|en| {
             let ram = RamMap::new([0..RAM_END, 0x1_0000_0000..0x1_0001_0000]);
-            if en.enabled() && !ram.contains_area(en.area_gpa()) {
+            if en.version().is_some() && !ram.contains_area(en.area_gpa()) {
                 Err(MsrError::AreaNotInRam { gpa: en.area_gpa() })
             } else {
                 Ok(())
