@@ -9,7 +9,9 @@
 //!
 //! - every MSR write and every restore gets exactly the answer the rules give (#GP / error
 //!   value included), and a refused one changes nothing but the counters;
-//! - a fault injects "page not present" exactly when the rules allow it (APF enabled and
+//! - a fault on a frame of RAM that has arrived answers "already present" and queues nothing;
+//!   a second arrival of a frame is a no-op;
+//! - otherwise a fault injects "page not present" exactly when the rules allow it (APF enabled and
 //!   active, paging on, CPL 3 or SEND_ALWAYS, IF = 1, no shadow, no event pending and no
 //!   injection handed out and not drained, reason consumed, under the outstanding limit),
 //!   and otherwise falls back with the first rule that forbids it; an injection is "write
@@ -379,6 +381,14 @@ fn vcpu_index(x: u8, n: usize) -> usize {
     }
 }
 
+/// The frame of `gpa` if it lies in RAM (the regions are page-aligned).
+fn ram_frame(gpa: u64) -> Option<u64> {
+    let frame = gpa & !0xfff;
+    RAM.iter()
+        .any(|&(s, e)| s <= frame && frame < e)
+        .then_some(frame)
+}
+
 fn in_ram(gpa: u64) -> bool {
     let Some(end) = gpa.checked_add(64) else {
         return false;
@@ -410,6 +420,8 @@ struct Model {
     vcpus: Vec<VcpuModel>,
     /// Injected tokens whose page has not arrived: (token, vCPU, page), in fault order.
     waiting: Vec<(Token, usize, u64)>,
+    /// Frames of RAM that have arrived.
+    arrived: std::collections::BTreeSet<u64>,
 }
 
 impl Model {
@@ -509,6 +521,7 @@ impl Model {
     }
 
     fn restore(&mut self, saved: &SavedState) {
+        self.arrived.clear();
         for (v, s) in saved.vcpus.iter().enumerate() {
             self.drop_vcpu(v);
             self.vcpus[v].en = None;
@@ -583,8 +596,18 @@ impl Model {
                 assert!(e.is_outstanding(t), "ready {t:?} not outstanding");
             }
         }
-        for &(t, _, _) in &self.waiting {
+        for &(t, v, page) in &self.waiting {
             assert!(e.is_outstanding(t), "waiting {t:?} not outstanding");
+            assert_eq!(e.token_owner(t), Some(v), "owner of {t:?}");
+            assert!(e.waits_on(v, page), "{v} waits on {page:#x}");
+        }
+        for p in 0..PAGES {
+            let page = 0x4_0000 + p * 4096;
+            assert_eq!(
+                e.is_arrived(page),
+                self.arrived.contains(&page),
+                "arrival of {page:#x}"
+            );
         }
         for p in 0..PAGES {
             let page = 0x4_0000 + p * 4096;
@@ -648,6 +671,7 @@ pub fn run(setup: Setup, ops: &[Op]) -> apf_host::Counters {
         steal: setup.steal,
         vcpus: vec![VcpuModel::default(); n],
         waiting: Vec::new(),
+        arrived: std::collections::BTreeSet::new(),
     };
     for op in ops {
         step(&mut e, &mut m, op);
@@ -722,8 +746,18 @@ fn step(e: &mut Engine, m: &mut Model, op: &Op) {
             let undrained_pf = before
                 .iter()
                 .any(|a| matches!(*a, Action::InjectPf { vcpu, .. } if vcpu == v));
+            if ram_frame(gpa).is_some_and(|f| m.arrived.contains(&f)) {
+                assert_eq!(
+                    got,
+                    Ok(FaultOutcome::AlreadyPresent),
+                    "fault on arrived {gpa:#x}"
+                );
+                assert_eq!(queued(e), before);
+                return;
+            }
             let forbidden = m.forbids(v, &s, undrained_pf);
             match got.expect("existing vCPU") {
+                FaultOutcome::AlreadyPresent => panic!("{gpa:#x} has not arrived"),
                 FaultOutcome::Sync(reason) => {
                     assert_eq!(Some(reason), forbidden, "fault on {v} in {s:?}");
                     assert_eq!(queued(e), before);
@@ -756,6 +790,13 @@ fn step(e: &mut Engine, m: &mut Model, op: &Op) {
         Op::Arrive(page) => {
             let page = page.get() & !0xfff;
             let got = e.page_arrived(page);
+            if let Some(frame) = ram_frame(page)
+                && !m.arrived.insert(frame)
+            {
+                assert_eq!(got, 0, "a second arrival of {page:#x} is a no-op");
+                assert_eq!(queued(e), before);
+                return;
+            }
             let mut arrived = 0;
             let waiting = std::mem::take(&mut m.waiting);
             for w in waiting {

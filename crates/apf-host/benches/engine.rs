@@ -7,9 +7,10 @@
 //!
 //! Every timed section performs real engine work on one long-lived engine in a realistic
 //! state: APF enabled on the vCPU, the enable's wake-all delivered (and ACKed in v2). Where a
-//! benchmark consumes state (a fault adds a token, a delivery retires one), it runs in rounds
-//! of at most 64 calls (the outstanding limit) whose setup and retirement are not timed (see
-//! [`rounds`]); the cycle retires every token it creates, so it simply loops.
+//! benchmark consumes state (a fault adds a token, a delivery retires one, an arrival is
+//! remembered), it runs in rounds of at most 64 calls (the outstanding limit) whose setup and
+//! retirement are not timed (see [`rounds`]); retirement includes `page_evicted` for the
+//! round's pages, so the next round faults on them again.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -93,6 +94,13 @@ fn page(i: u64) -> u64 {
     PAGE + i * PAGE_SIZE
 }
 
+/// Forgets the arrival of pages `0..k` (untimed), so they can be faulted on again.
+fn evict(e: &mut Engine, k: u64) {
+    for i in 0..k {
+        e.page_evicted(page(i));
+    }
+}
+
 /// Times `iters` calls of `op` on one long-lived engine (as a VMM keeps it: its queues keep
 /// their capacity), in rounds of at most `round` calls: `setup(e, k)` prepares a round of `k`
 /// calls, `op(e, i)` is call `i` of the round (the only timed part), `teardown(e, k)` brings
@@ -160,6 +168,7 @@ fn fault_admission(c: &mut Criterion) {
                             assert_eq!(e.page_arrived(page(i)), 1);
                         }
                         deliver_all(e, version);
+                        evict(e, k);
                     },
                 )
             });
@@ -206,7 +215,10 @@ fn page_arrival(c: &mut Criterion) {
                         let n = e.page_arrived(black_box(page(p)));
                         assert_eq!(u64::try_from(n), Ok(tokens));
                     },
-                    |e, _| deliver_all(e, version),
+                    |e, k| {
+                        deliver_all(e, version);
+                        evict(e, k);
+                    },
                 )
             });
         });
@@ -229,14 +241,26 @@ fn page_arrival(c: &mut Criterion) {
                         assert_eq!(e.page_arrived(black_box(page(p))), 1);
                     }
                 },
-                |e, _| deliver_all(e, version),
+                |e, _| {
+                    deliver_all(e, version);
+                    evict(e, LIMIT);
+                },
             )
         });
     });
     g.throughput(Throughput::Elements(1));
     let mut e = engine(version);
     g.bench_function("no_waiter", |b| {
-        b.iter(|| assert_eq!(e.page_arrived(black_box(PAGE)), 0));
+        b.iter_custom(|iters| {
+            rounds(
+                &mut e,
+                iters,
+                LIMIT,
+                |_, _| {},
+                |e, p| assert_eq!(e.page_arrived(black_box(page(p))), 0),
+                evict,
+            )
+        });
     });
     g.finish();
 }
@@ -268,7 +292,7 @@ fn delivery(c: &mut Criterion) {
                         assert_eq!(drain(e), 2);
                         ack(e, version);
                     },
-                    |_, _| {},
+                    evict,
                 )
             });
         });
@@ -286,30 +310,39 @@ fn delivery(c: &mut Criterion) {
 }
 
 /// One whole APF on one engine: fault → `Injected`, drain; page arrives; delivery window →
-/// `Delivered`, drain; v2 `_ACK`. Each iteration retires its token, so the engine stays at 0
-/// outstanding however long it runs.
+/// `Delivered`, drain; v2 `_ACK`. Each iteration retires its token; rounds of 64 distinct
+/// pages, whose arrivals are forgotten between rounds (untimed).
 fn cycle(c: &mut Criterion) {
     let mut g = c.benchmark_group("cycle");
     for version in VERSIONS {
         let mut e = engine(version);
         g.bench_function(name(version), |b| {
-            b.iter(|| {
-                let outcome = e.fault(0, black_box(PAGE), black_box(VcpuState::USER));
-                let Ok(FaultOutcome::Injected(token)) = outcome else {
-                    panic!("{outcome:?}");
-                };
-                assert_eq!(drain(&mut e), 2);
-                assert_eq!(e.page_arrived(black_box(PAGE)), 1);
-                let d = e.delivery_window(0, black_box(VcpuState::USER));
-                assert_eq!(
-                    d,
-                    Ok(Delivery::Delivered {
-                        token,
-                        from_vcpu: 0
-                    })
-                );
-                assert_eq!(drain(&mut e), 2);
-                ack(&mut e, version);
+            b.iter_custom(|iters| {
+                rounds(
+                    &mut e,
+                    iters,
+                    LIMIT,
+                    |_, _| {},
+                    |e, i| {
+                        let outcome = e.fault(0, black_box(page(i)), black_box(VcpuState::USER));
+                        let Ok(FaultOutcome::Injected(token)) = outcome else {
+                            panic!("{outcome:?}");
+                        };
+                        assert_eq!(drain(e), 2);
+                        assert_eq!(e.page_arrived(black_box(page(i))), 1);
+                        let d = e.delivery_window(0, black_box(VcpuState::USER));
+                        assert_eq!(
+                            d,
+                            Ok(Delivery::Delivered {
+                                token,
+                                from_vcpu: 0
+                            })
+                        );
+                        assert_eq!(drain(e), 2);
+                        ack(e, version);
+                    },
+                    evict,
+                )
             });
         });
         assert_eq!(e.outstanding(0), 0);

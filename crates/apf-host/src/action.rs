@@ -137,6 +137,10 @@ pub enum FaultOutcome {
     Injected(Token),
     /// Handle the fault synchronously: the vCPU waits for the page.
     Sync(FallbackReason),
+    /// The page has already arrived ([`Engine::page_arrived`](crate::Engine::page_arrived)
+    /// was reported for it before this fault reached the engine): no token, no action; let
+    /// the vCPU re-enter, its access now succeeds.
+    AlreadyPresent,
 }
 
 /// Why a pending "page ready" (or wake-all) was not delivered at a delivery window.

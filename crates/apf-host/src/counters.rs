@@ -116,10 +116,17 @@ pub struct Counters {
     pub injected: u64,
     /// Faults handled synchronously, by reason.
     pub fallback: FallbackCounts,
+    /// Faults on a frame that had already arrived, answered
+    /// [`FaultOutcome::AlreadyPresent`](crate::FaultOutcome::AlreadyPresent).
+    pub faults_on_arrived: u64,
     /// Faults on a page that already had a token in flight, which got their own token.
     pub second_fault_same_page: u64,
-    /// Pages reported arrived.
+    /// Pages reported arrived (first reports only; see `duplicate_arrivals`).
     pub pages_arrived: u64,
+    /// Reports of an arrival for a frame that had already arrived: no-ops.
+    pub duplicate_arrivals: u64,
+    /// Arrived frames reported evicted ([`Engine::page_evicted`](crate::Engine::page_evicted)).
+    pub pages_evicted: u64,
     /// Tokens made ready by an arrival.
     pub tokens_ready: u64,
     /// Individual "page ready" delivered.

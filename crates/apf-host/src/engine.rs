@@ -6,6 +6,7 @@ use apf_abi::area::REASON_OFFSET;
 use apf_abi::{Reason, Token, Version};
 
 use crate::action::{APF_ERROR_CODE, Action, FallbackReason, FaultOutcome};
+use crate::arrival::{ArrivalMap, Insert};
 use crate::config::EngineConfig;
 use crate::counters::{self, Counters};
 use crate::error::Error;
@@ -60,6 +61,8 @@ pub struct Engine {
     pub(crate) tokens: BTreeMap<Token, Outstanding>,
     /// Frame → tokens waiting for it, in fault order.
     pub(crate) waiting: BTreeMap<u64, Vec<Token>>,
+    /// Frames of guest RAM that have arrived for good.
+    pub(crate) arrived: ArrivalMap,
     pub(crate) actions: VecDeque<Action>,
     pub(crate) counters: Counters,
 }
@@ -69,6 +72,7 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Engine {
         let vcpus = (0..config.vcpus).map(|_| Vcpu::new()).collect();
         Engine {
+            arrived: ArrivalMap::new(&config.ram),
             config,
             vcpus,
             tokens: BTreeMap::new(),
@@ -130,6 +134,29 @@ impl Engine {
         self.waiting.get(&page_of(gpa)).map_or(&[], Vec::as_slice)
     }
 
+    /// The vCPU that took the "not present" of `token`, while it is outstanding (waiting for
+    /// its page, or ready and not handed out yet); `None` for any other value. Callers ask
+    /// this instead of decoding the token's bits.
+    pub fn token_owner(&self, token: Token) -> Option<usize> {
+        self.tokens.get(&token).map(|o| o.vcpu)
+    }
+
+    /// True when vCPU `vcpu` holds an outstanding token that still waits for the frame
+    /// holding `gpa` (its page has not arrived). A VMM uses it to tell a late duplicate fault
+    /// message, or another task of the same vCPU touching the same in-flight page, from a
+    /// new fault.
+    pub fn waits_on(&self, vcpu: usize, gpa: u64) -> bool {
+        self.tokens_on_page(gpa)
+            .iter()
+            .any(|t| self.token_owner(*t) == Some(vcpu))
+    }
+
+    /// True when the frame holding `gpa` has arrived ([`page_arrived`](Engine::page_arrived))
+    /// and not been evicted since. Always false outside guest RAM.
+    pub fn is_arrived(&self, gpa: u64) -> bool {
+        self.arrived.contains(gpa)
+    }
+
     pub(crate) fn check_vcpu(&self, vcpu: usize) -> Result<(), Error> {
         if vcpu < self.vcpus.len() {
             Ok(())
@@ -152,9 +179,13 @@ impl Engine {
     ///
     /// Either injects "page not present" (returns [`FaultOutcome::Injected`] and queues, in
     /// order, [`Action::WriteArea`] reason 1 at offset 0 then [`Action::InjectPf`] with CR2 =
-    /// token) or answers [`FaultOutcome::Sync`]. Either way the VMM fetches the page and
+    /// token) or answers [`FaultOutcome::Sync`]; either way the VMM fetches the page and
     /// reports [`page_arrived`](Engine::page_arrived). Another fault on a frame that already
     /// has tokens in flight gets its own token; all become ready together.
+    ///
+    /// A fault on a frame that has already arrived (the fault message came late) answers
+    /// [`FaultOutcome::AlreadyPresent`]: no token, no action, the vCPU just re-enters. So no
+    /// token ever waits for a page that already came.
     pub fn fault(
         &mut self,
         vcpu: usize,
@@ -163,6 +194,10 @@ impl Engine {
     ) -> Result<FaultOutcome, Error> {
         self.check_vcpu(vcpu)?;
         counters::bump(&mut self.counters.faults);
+        if self.arrived.contains(gpa) {
+            counters::bump(&mut self.counters.faults_on_arrived);
+            return Ok(FaultOutcome::AlreadyPresent);
+        }
         if let Err(reason) = self.may_inject_not_present(vcpu, &state) {
             self.counters.fallback.record(reason);
             return Ok(FaultOutcome::Sync(reason));
@@ -255,13 +290,22 @@ impl Engine {
         Ok(())
     }
 
-    /// The frame holding `gpa` is now in guest memory: every token waiting for it becomes
-    /// ready and is queued for delivery. Returns how many tokens became ready.
+    /// The frame holding `gpa` is now in guest memory, for good: every token waiting for it
+    /// becomes ready and is queued for delivery. Returns how many tokens became ready.
     ///
     /// "Page ready is only sent for a token whose "not present" was actually injected" (§4):
     /// only injected faults have tokens, so a page that only synchronous faults waited for
     /// readies nothing.
+    ///
+    /// The engine remembers the arrival (frames in guest RAM only): a later
+    /// [`fault`](Engine::fault) on the frame answers [`FaultOutcome::AlreadyPresent`], and a
+    /// second report of the same arrival is a no-op, counted as
+    /// [`Counters::duplicate_arrivals`](crate::Counters::duplicate_arrivals).
     pub fn page_arrived(&mut self, gpa: u64) -> usize {
+        if self.arrived.insert(gpa) == Insert::Duplicate {
+            counters::bump(&mut self.counters.duplicate_arrivals);
+            return 0;
+        }
         counters::bump(&mut self.counters.pages_arrived);
         let Some(tokens) = self.waiting.remove(&page_of(gpa)) else {
             return 0;
@@ -279,6 +323,17 @@ impl Engine {
         }
         counters::add(&mut self.counters.tokens_ready, n);
         n
+    }
+
+    /// The frame holding `gpa` is no longer in guest memory (the VMM dropped it, e.g. to
+    /// fetch it again later): forget its arrival, so a later fault on it gets a token again.
+    /// Returns whether it had arrived. Tokens are unaffected: none waits on an arrived frame.
+    pub fn page_evicted(&mut self, gpa: u64) -> bool {
+        let was = self.arrived.remove(gpa);
+        if was {
+            counters::bump(&mut self.counters.pages_evicted);
+        }
+        was
     }
 
     /// Removes a token whose "page ready" is being handed out.
@@ -395,6 +450,9 @@ impl Engine {
                 return Err(format!("vCPU {i}: delivery state while disabled"));
             }
         }
+        if let Some(page) = self.waiting.keys().find(|p| self.arrived.contains(**p)) {
+            return Err(format!("tokens wait for {page:#x}, which has arrived"));
+        }
         Ok(())
     }
 }
@@ -413,14 +471,14 @@ mod tests {
     fn sync(e: &mut Engine, state: VcpuState) -> FallbackReason {
         match e.fault(0, PAGE, state).unwrap() {
             FaultOutcome::Sync(r) => r,
-            FaultOutcome::Injected(t) => panic!("injected {t:?} in {state:?}"),
+            other => panic!("{other:?} in {state:?}"),
         }
     }
 
     fn injected(e: &mut Engine, vcpu: usize, gpa: u64, state: VcpuState) -> Token {
         match e.fault(vcpu, gpa, state).unwrap() {
             FaultOutcome::Injected(t) => t,
-            FaultOutcome::Sync(r) => panic!("fell back: {r}"),
+            other => panic!("not injected: {other:?}"),
         }
     }
 
@@ -495,7 +553,7 @@ mod tests {
         assert_eq!(
             match e.fault(0, PAGE + 0x1000, VcpuState::KERNEL).unwrap() {
                 FaultOutcome::Sync(r) => r,
-                FaultOutcome::Injected(t) => panic!("injected {t:?}"),
+                other => panic!("{other:?}"),
             },
             FallbackReason::NotUserMode
         );
@@ -573,7 +631,7 @@ mod tests {
         e.delivery_window(0, VcpuState::USER).unwrap();
         drain(&mut e);
         assert_eq!(e.outstanding(0), 63);
-        injected(&mut e, 0, PAGE, VcpuState::USER);
+        injected(&mut e, 0, PAGE + (64 << 12), VcpuState::USER);
     }
 
     #[test]
@@ -730,5 +788,99 @@ mod tests {
         assert_eq!(e.counters().dropped.reset, 2);
         assert_eq!(e.page_arrived(PAGE + 0x1000), 0);
         e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn fault_on_an_arrived_page_is_already_present() {
+        for mut e in [v1(2), v2(2)] {
+            let t = injected(&mut e, 0, PAGE, VcpuState::USER);
+            drain(&mut e);
+            assert_eq!(e.page_arrived(PAGE + 0x10), 1);
+            assert!(e.is_arrived(PAGE) && e.is_arrived(PAGE + 0xfff));
+            assert!(!e.is_arrived(PAGE + 0x1000));
+            // A late fault message for the page: no token, no action, whatever the state.
+            for (v, s) in [(0, VcpuState::USER), (1, VcpuState::KERNEL)] {
+                assert_eq!(
+                    e.fault(v, PAGE + 0x800, s),
+                    Ok(FaultOutcome::AlreadyPresent)
+                );
+            }
+            assert!(drain(&mut e).is_empty());
+            assert_eq!(e.counters().faults_on_arrived, 2);
+            assert_eq!(e.counters().faults, 3);
+            assert_eq!(e.counters().injected, 1);
+            assert!(e.tokens_on_page(PAGE).is_empty());
+            assert_eq!(e.outstanding(1), 0);
+            // The token that did wait still gets its "page ready".
+            assert!(e.is_outstanding(t));
+            // A disabled vCPU's late fault is "already present" too: the page is there.
+            e.msr_write(1, MSR_KVM_ASYNC_PF_EN, 0).unwrap();
+            assert_eq!(
+                e.fault(1, PAGE, VcpuState::USER),
+                Ok(FaultOutcome::AlreadyPresent)
+            );
+            e.check_invariants().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_duplicate_arrival_is_a_counted_no_op() {
+        let mut e = v1(1);
+        injected(&mut e, 0, PAGE, VcpuState::USER);
+        drain(&mut e);
+        assert_eq!(e.page_arrived(PAGE), 1);
+        assert_eq!(e.page_arrived(PAGE + 8), 0);
+        assert_eq!(e.counters().pages_arrived, 1);
+        assert_eq!(e.counters().duplicate_arrivals, 1);
+        assert_eq!(e.counters().tokens_ready, 1);
+        // Outside guest RAM nothing is remembered, so nothing is a duplicate.
+        let outside = 0x4000_0000;
+        assert_eq!(e.page_arrived(outside), 0);
+        assert_eq!(e.page_arrived(outside), 0);
+        assert!(!e.is_arrived(outside));
+        assert_eq!(e.counters().pages_arrived, 3);
+        assert_eq!(e.counters().duplicate_arrivals, 1);
+    }
+
+    #[test]
+    fn an_evicted_page_gets_tokens_again() {
+        let mut e = v1(1);
+        e.page_arrived(PAGE);
+        assert!(e.page_evicted(PAGE + 1));
+        assert!(!e.page_evicted(PAGE), "evicted once");
+        assert!(!e.is_arrived(PAGE));
+        injected(&mut e, 0, PAGE, VcpuState::USER);
+        assert_eq!(e.counters().pages_evicted, 1);
+        assert_eq!(e.page_arrived(PAGE), 1);
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn token_owner_is_the_faulting_vcpu_while_outstanding() {
+        let mut e = v2(3);
+        let t = injected(&mut e, 2, PAGE, VcpuState::USER);
+        drain(&mut e);
+        assert_eq!(e.token_owner(t), Some(2));
+        e.page_arrived(PAGE);
+        assert_eq!(e.token_owner(t), Some(2), "ready, not handed out yet");
+        e.delivery_window(2, VcpuState::USER).unwrap();
+        assert_eq!(e.token_owner(t), None, "its page ready is out");
+        assert_eq!(e.token_owner(Token::WAKE_ALL), None);
+        assert_eq!(e.token_owner(Token::new(0x1000).unwrap()), None);
+    }
+
+    #[test]
+    fn waits_on_until_the_page_arrives() {
+        let mut e = v1(2);
+        injected(&mut e, 0, PAGE, VcpuState::USER);
+        drain(&mut e);
+        assert!(e.waits_on(0, PAGE + 0xabc));
+        assert!(!e.waits_on(1, PAGE), "vCPU 1 holds no token on it");
+        assert!(!e.waits_on(0, PAGE + 0x1000));
+        injected(&mut e, 1, PAGE + 8, VcpuState::USER);
+        assert!(e.waits_on(1, PAGE));
+        e.page_arrived(PAGE);
+        assert!(!e.waits_on(0, PAGE) && !e.waits_on(1, PAGE));
+        assert!(!e.waits_on(7, PAGE), "unknown vCPU");
     }
 }

@@ -53,6 +53,7 @@
 //! guest memory just before each call: the engine never reads memory.
 
 mod action;
+mod arrival;
 mod config;
 mod counters;
 mod delivery;

@@ -48,9 +48,10 @@ impl Engine {
         }
     }
 
-    /// Loads a saved state: drops every outstanding token and queued action, sets the MSRs,
-    /// and "restoring `_EN` re-runs the enable path, whose "wake all" makes sleepers retry"
-    /// (§4). `_INT` is restored before `_EN`, as a guest writes them.
+    /// Loads a saved state: drops every outstanding token and queued action, forgets every
+    /// arrival (the snapshot's memory arrives anew), sets the MSRs, and "restoring `_EN`
+    /// re-runs the enable path, whose "wake all" makes sleepers retry" (§4). `_INT` is
+    /// restored before `_EN`, as a guest writes them.
     ///
     /// All-or-nothing: a state with another vCPU count or an invalid value (checked against
     /// this engine's features and RAM map, as a guest write would be) changes nothing. A
@@ -79,6 +80,7 @@ impl Engine {
             }
             parsed.push((en, int));
         }
+        self.arrived.clear();
         for (vcpu, (en, int)) in parsed.into_iter().enumerate() {
             self.drop_vcpu(vcpu, DropCause::Restore);
             self.vcpus[vcpu].en = None;
@@ -149,6 +151,24 @@ mod tests {
             assert_eq!(e.save(), saved);
             e.check_invariants().unwrap();
         }
+    }
+
+    /// A restore brings back the snapshot's memory, which arrives anew: faults on frames
+    /// that had arrived before get tokens again.
+    #[test]
+    fn restore_forgets_arrivals() {
+        let mut e = v1(1);
+        e.page_arrived(PAGE);
+        assert!(e.is_arrived(PAGE));
+        let saved = e.save();
+        e.restore(&saved).unwrap();
+        assert!(!e.is_arrived(PAGE));
+        e.delivery_window(0, VcpuState::USER).unwrap();
+        drain(&mut e);
+        assert!(matches!(
+            e.fault(0, PAGE, VcpuState::USER),
+            Ok(FaultOutcome::Injected(_))
+        ));
     }
 
     #[test]

@@ -268,6 +268,8 @@ impl World {
             Event::Evict(p) => {
                 if self.guest.present[p] {
                     self.guest.present[p] = false;
+                    // The engine forgets the arrival (a restored engine never saw it).
+                    let _ = self.engine.page_evicted(page_gpa(p));
                     true
                 } else {
                     false
@@ -412,6 +414,9 @@ impl World {
                 self.perform(Some((ti, t)))?;
                 Ok(true)
             }
+            FaultOutcome::AlreadyPresent => Err(format!(
+                "fault on page {page} answered already present, but the guest does not have it"
+            )),
             FaultOutcome::Sync(_) => {
                 // The vCPU waits for the page: the fetch completes, then the access.
                 self.guest.requested[page] = true;

@@ -327,6 +327,11 @@ impl Apf {
                 fp.fault_to_apf.record(f.at.elapsed());
                 Ok(true)
             }
+            // The engine saw the page arrive after this fault was queued: nothing to do.
+            Ok(FaultOutcome::AlreadyPresent) => {
+                fp.stale_faults.fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
             // Sync: counted by the engine; the vCPU re-enters and waits for the page, and
             // further messages for it from this vCPU are not kicked.
             Ok(FaultOutcome::Sync(_)) | Err(_) => {
