@@ -11,20 +11,23 @@
 //!   value included), and a refused one changes nothing but the counters;
 //! - a fault on a frame of RAM that has arrived answers "already present" and queues nothing;
 //!   a second arrival of a frame is a no-op;
-//! - otherwise a fault injects "page not present" exactly when the rules allow it (APF enabled and
-//!   active, paging on, CPL 3 or SEND_ALWAYS, IF = 1, no shadow, no event pending and no
-//!   injection handed out and not drained, reason consumed, under the outstanding limit),
-//!   and otherwise falls back with the first rule that forbids it; an injection is "write
-//!   reason 1 at offset 0, then #PF with CR2 = token";
+//! - otherwise a fault injects "page not present" exactly when the rules allow it (APF
+//!   enabled and active, paging on, CPL 3 or SEND_ALWAYS, IF = 1, no shadow, no event pending
+//!   and no injection handed out and not drained, reason consumed, v2: no wake-all in the
+//!   token slot, under the outstanding limit), and otherwise falls back with the first rule
+//!   that forbids it; an injection is "write reason 1 at offset 0, then #PF with CR2 =
+//!   token";
 //! - tokens are never 0 or 0xffffffff, never equal to one still outstanding (or sitting in a
 //!   v2 token slot), and the engine's outstanding set, per-page waiting lists and per-vCPU
 //!   counts are the model's;
 //! - a "page ready" goes out only when allowed (v1: IF = 1, no shadow, no event or undrained
 //!   injection, reason consumed; v2: a vector written, token slot free, no undrained
 //!   interrupt), a queued wake-all first, then ready tokens in arrival order, as "write area,
-//!   then #PF / interrupt"; and when allowed with something pending, it does go out;
+//!   then #PF / interrupt"; and when allowed with something pending, it does go out; a
+//!   wake-all going out covers every token of its vCPU outstanding then (no ready of their
+//!   own); an enable only queues the wake-all, a disable drops everything;
 //! - inputs other than faults and windows queue no action; a disable, reset or restore drops
-//!   exactly the vCPU's undrained actions; the queue drains in order.
+//!   exactly the vCPU's undrained actions (an enable none); the queue drains in order.
 
 use std::collections::VecDeque;
 
@@ -460,11 +463,21 @@ impl Model {
         m.awaiting_ack = false;
     }
 
-    /// A valid `_EN` value takes effect.
+    /// A valid `_EN` value takes effect: an enable queues a wake-all and keeps everything
+    /// else (tokens, a v2 ready awaiting its ACK); a disable or inert value drops everything.
     fn set_en(&mut self, v: usize, raw: u64) {
-        self.drop_vcpu(v);
         self.vcpus[v].en = Some(raw);
-        self.vcpus[v].wake_all = self.version(v).is_some();
+        if self.version(v).is_some() {
+            self.vcpus[v].wake_all = true;
+        } else {
+            self.drop_vcpu(v);
+        }
+    }
+
+    /// A wake-all goes out on `v`: it covers every token of `v` outstanding now.
+    fn cover(&mut self, v: usize) {
+        self.waiting.retain(|w| w.1 != v);
+        self.vcpus[v].ready.clear();
     }
 
     /// What a WRMSR must answer.
@@ -536,7 +549,14 @@ impl Model {
     }
 
     /// The first rule that forbids "page not present" on `v` now, or `None`.
-    fn forbids(&self, v: usize, s: &VcpuState, undrained_pf: bool) -> Option<FallbackReason> {
+    /// `undrained_wake_all`: the write of a wake-all into `v`'s token slot is not drained.
+    fn forbids(
+        &self,
+        v: usize,
+        s: &VcpuState,
+        undrained_pf: bool,
+        undrained_wake_all: bool,
+    ) -> Option<FallbackReason> {
         let Some(en) = self.vcpus[v].en.filter(|en| en & 1 != 0) else {
             return Some(FallbackReason::NotEnabled);
         };
@@ -560,6 +580,10 @@ impl Model {
         }
         if s.area_reason != 0 {
             return Some(FallbackReason::ReasonNotConsumed);
+        }
+        if self.version(v) == Some(Version::V2) && (s.area_token == u32::MAX || undrained_wake_all)
+        {
+            return Some(FallbackReason::WakeAllInFlight);
         }
         if self.outstanding(v) >= self.max {
             return Some(FallbackReason::OutstandingLimit);
@@ -702,9 +726,13 @@ fn step(e: &mut Engine, m: &mut Model, op: &Op) {
             match msr {
                 MSR_KVM_ASYNC_PF_EN => {
                     m.set_en(v, value);
-                    let want: Vec<Action> =
-                        before.iter().copied().filter(|a| a.vcpu() != v).collect();
-                    assert_eq!(queued(e), want, "_EN drops the vCPU's undrained actions");
+                    if m.version(v).is_some() {
+                        assert_eq!(queued(e), before, "an enable drops nothing");
+                    } else {
+                        let want: Vec<Action> =
+                            before.iter().copied().filter(|a| a.vcpu() != v).collect();
+                        assert_eq!(queued(e), want, "a disable drops the undrained actions");
+                    }
                     return;
                 }
                 MSR_KVM_ASYNC_PF_INT => {
@@ -746,6 +774,11 @@ fn step(e: &mut Engine, m: &mut Model, op: &Op) {
             let undrained_pf = before
                 .iter()
                 .any(|a| matches!(*a, Action::InjectPf { vcpu, .. } if vcpu == v));
+            let slot = m.area(v).map(|a| a.wrapping_add(4));
+            let undrained_wake_all = before.iter().any(|a| {
+                matches!(*a, Action::WriteArea { vcpu, gpa, value }
+                    if vcpu == v && Some(gpa) == slot && value == u32::MAX)
+            });
             if ram_frame(gpa).is_some_and(|f| m.arrived.contains(&f)) {
                 assert_eq!(
                     got,
@@ -755,7 +788,7 @@ fn step(e: &mut Engine, m: &mut Model, op: &Op) {
                 assert_eq!(queued(e), before);
                 return;
             }
-            let forbidden = m.forbids(v, &s, undrained_pf);
+            let forbidden = m.forbids(v, &s, undrained_pf, undrained_wake_all);
             match got.expect("existing vCPU") {
                 FaultOutcome::AlreadyPresent => panic!("{gpa:#x} has not arrived"),
                 FaultOutcome::Sync(reason) => {
@@ -934,6 +967,7 @@ fn window(e: &Engine, m: &mut Model, v: usize, s: &VcpuState, before: &[Action],
         if mv.wake_all {
             assert_eq!(token, Token::WAKE_ALL, "wake-all goes first");
             mv.wake_all = false;
+            m.cover(v);
         } else {
             assert_eq!(Some(token), mv.ready.pop_front(), "ready order on {v}");
         }

@@ -82,6 +82,13 @@ pub enum FallbackReason {
     EventPending,
     /// "never overwrite a reason the guest has not consumed" (§2): area offset 0 is not 0.
     ReasonNotConsumed,
+    /// v2: the token slot holds a wake-all the guest has not taken yet (0xffffffff at area
+    /// offset 4 as the VMM read it, or its write handed out and not drained). A token
+    /// injected now would not be covered by that wake-all, yet its task would sleep before
+    /// the interrupt is taken and be woken by it, and then get its own "page ready" too. Not
+    /// a KVM rule: apfvm's, so that a wake-all covers exactly the tokens injected before its
+    /// delivery (docs/kvm-differences.md).
+    WakeAllInFlight,
     /// "At most 64 outstanding APFs per vCPU; past that the fault is handled synchronously"
     /// (§4), with the configured limit.
     OutstandingLimit,
@@ -91,7 +98,7 @@ pub enum FallbackReason {
 
 impl FallbackReason {
     /// Every reason, in the order the engine checks them.
-    pub const ALL: [FallbackReason; 10] = [
+    pub const ALL: [FallbackReason; 11] = [
         FallbackReason::NotEnabled,
         FallbackReason::Inert,
         FallbackReason::PagingOff,
@@ -100,6 +107,7 @@ impl FallbackReason {
         FallbackReason::InterruptShadow,
         FallbackReason::EventPending,
         FallbackReason::ReasonNotConsumed,
+        FallbackReason::WakeAllInFlight,
         FallbackReason::OutstandingLimit,
         FallbackReason::TokensExhausted,
     ];
@@ -121,6 +129,7 @@ impl fmt::Display for FallbackReason {
             FallbackReason::InterruptShadow => "interrupt shadow",
             FallbackReason::EventPending => "event pending",
             FallbackReason::ReasonNotConsumed => "previous reason not consumed",
+            FallbackReason::WakeAllInFlight => "wake-all in the token slot, not taken yet",
             FallbackReason::OutstandingLimit => "outstanding limit reached",
             FallbackReason::TokensExhausted => "no free token",
         };

@@ -46,13 +46,15 @@ impl HoldCounts {
     }
 }
 
-/// Outstanding tokens dropped without a "page ready", by cause.
+/// Outstanding tokens that got no "page ready" of their own, by cause.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DropCounts {
     /// "If APF is disabled while APFs are outstanding, they are not delivered" (§2).
     pub disable: u64,
-    /// An enable write while already enabled: the wake-all it queues covers them ("no
-    /// individual type 2 APFs will be sent for those", §2).
+    /// Covered by a wake-all: outstanding on the wake-all's vCPU when the wake-all was
+    /// delivered (handed out by a delivery window), so its "not present" came before it; the
+    /// guest's wake-all wakes its task ("no individual type 2 APFs will be sent for those",
+    /// §2). Counted at the wake-all's delivery, not when an enable queued it.
     pub wake_all: u64,
     /// "vCPU reset → both MSRs 0, queue cleared" (§4).
     pub reset: u64,
@@ -61,7 +63,7 @@ pub struct DropCounts {
 }
 
 impl DropCounts {
-    /// All dropped tokens.
+    /// All tokens that got no "page ready" of their own.
     pub const fn total(&self) -> u64 {
         self.disable
             .saturating_add(self.wake_all)
@@ -139,7 +141,8 @@ pub struct Counters {
     pub wake_all_delivered: u64,
     /// Delivery windows held, by reason.
     pub held: HoldCounts,
-    /// Outstanding tokens dropped without a "page ready", by cause.
+    /// Outstanding tokens that got no "page ready" of their own, by cause (covered by a
+    /// wake-all at its delivery, or dropped by a disable, reset or restore).
     pub dropped: DropCounts,
     /// Queued wake-alls dropped by a disable, reset or restore.
     pub wake_all_dropped: u64,

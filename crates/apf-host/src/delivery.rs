@@ -16,6 +16,12 @@ impl Engine {
     /// perform them: the area write, then the #PF (v1) or the interrupt (v2). Call it again
     /// after the guest has run while [`pending_delivery`](Engine::pending_delivery) is true.
     ///
+    /// A queued wake-all goes first. Handing it out is the moment it covers tokens: every
+    /// token of the vCPU outstanding then (its "not present" injected before) leaves the
+    /// tables and gets no "page ready" of its own; later tokens are not covered. When a fault
+    /// of this vCPU waits too, open the window first
+    /// ([`wake_all_pending`](Engine::wake_all_pending)).
+    ///
     /// v1 rules: IF = 1, no interrupt shadow, no event pending, reason at offset 0 consumed;
     /// any CPL (KVM's page-present check is "interrupts allowed, no re-injection" only),
     /// paging not required. A ready goes to the vCPU that faulted, as KVM does. With
@@ -121,7 +127,7 @@ impl Engine {
             self.vcpus[vcpu].blocked = false;
             (t, vcpu)
         };
-        self.retire_delivered(token);
+        self.retire_delivered(vcpu, token);
         // "Type 2: CR2 holds the token of the page that is now available" (§2).
         self.actions.push_back(Action::WriteArea {
             vcpu,
@@ -164,7 +170,7 @@ impl Engine {
         let Some(token) = self.take_own(vcpu) else {
             return Delivery::Nothing;
         };
-        self.retire_delivered(token);
+        self.retire_delivered(vcpu, token);
         let v = &mut self.vcpus[vcpu];
         v.awaiting_ack = true;
         v.in_slot = Some(token);
@@ -185,8 +191,9 @@ impl Engine {
         }
     }
 
-    /// The next of `vcpu`'s own deliveries: the wake-all first (it was queued by the enable
-    /// that dropped everything older), then ready tokens in arrival order.
+    /// The next of `vcpu`'s own deliveries: the wake-all first (it covers every token of
+    /// the vCPU outstanding when it goes out, ready ones included), then ready tokens in
+    /// arrival order.
     fn take_own(&mut self, vcpu: usize) -> Option<Token> {
         let v = &mut self.vcpus[vcpu];
         if v.wake_all {
@@ -196,9 +203,11 @@ impl Engine {
         v.ready.pop_front()
     }
 
-    fn retire_delivered(&mut self, token: Token) {
+    /// `token`'s delivery on `vcpu` is handed out now.
+    fn retire_delivered(&mut self, vcpu: usize, token: Token) {
         if token.is_wake_all() {
             counters::bump(&mut self.counters.wake_all_delivered);
+            self.cover_by_wake_all(vcpu);
         } else {
             self.retire(token);
             counters::bump(&mut self.counters.page_ready_delivered);
@@ -213,7 +222,7 @@ mod tests {
 
     use super::*;
     use crate::testutil::{PAGE, VECTOR, area, drain, engine, v1, v2};
-    use crate::{FaultOutcome, VcpuState};
+    use crate::{FallbackReason, FaultOutcome, VcpuState};
 
     fn inject(e: &mut Engine, vcpu: usize, gpa: u64) -> Token {
         let FaultOutcome::Injected(t) = e.fault(vcpu, gpa, VcpuState::USER).unwrap() else {
@@ -604,22 +613,220 @@ mod tests {
         );
     }
 
+    /// An enable queues the wake-all and drops nothing; the tokens it covers are decided
+    /// when it is delivered.
     #[test]
-    fn reenable_drops_outstanding_because_the_wake_all_covers_them() {
+    fn reenable_covers_tokens_when_its_wake_all_is_delivered() {
         let mut e = v1(1);
         let a = inject(&mut e, 0, PAGE);
         let b = inject(&mut e, 0, PAGE + 0x1000);
         e.page_arrived(PAGE);
         e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        assert!(
+            e.is_outstanding(a) && e.is_outstanding(b),
+            "nothing dropped yet"
+        );
+        assert_eq!(e.counters().dropped.wake_all, 0);
+        assert!(e.wake_all_pending(0));
+        assert_eq!(
+            delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
+            Token::WAKE_ALL
+        );
+        assert!(!e.wake_all_pending(0));
         assert!(!e.is_outstanding(a) && !e.is_outstanding(b));
         assert_eq!(e.counters().dropped.wake_all, 2);
+        assert_eq!(e.outstanding(0), 0);
+        drain(&mut e);
+        // a was ready: its queue entry went with it. b's page still arrives, to no one.
+        assert!(!e.pending_delivery(0));
+        assert_eq!(e.page_arrived(PAGE + 0x1000), 0);
+        assert_eq!(e.delivery_window(0, VcpuState::USER), Ok(Delivery::Nothing));
+        e.check_invariants().unwrap();
+    }
+
+    /// Issue 15: after a lazy restore of a v1 guest, the first "not present" APFs go out
+    /// before the restore's wake-all; the wake-all covers them, so none of them gets a
+    /// "page ready" of its own, and a token injected after it does.
+    #[test]
+    fn v1_wake_all_after_restore_covers_the_tokens_injected_before_it() {
+        let saved = v1(2).save();
+        let mut e = engine(PvFeatures::SEED, 2);
+        e.restore(&saved).unwrap();
+        assert!(e.wake_all_pending(0) && e.wake_all_pending(1));
+        let first = inject(&mut e, 0, PAGE);
+        let second = inject(&mut e, 0, PAGE + 0x1000);
+        let other = inject(&mut e, 1, PAGE + 0x2000);
+        assert_eq!(
+            e.page_arrived(PAGE),
+            1,
+            "first is ready before the wake-all"
+        );
         assert_eq!(
             delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
             Token::WAKE_ALL
         );
         drain(&mut e);
+        assert_eq!(e.counters().dropped.wake_all, 2);
+        assert!(!e.is_outstanding(first) && !e.is_outstanding(second));
+        assert!(e.is_outstanding(other), "vCPU 1's wake-all is its own");
+        assert!(
+            !e.pending_delivery(0),
+            "no individual ready for the first token"
+        );
         assert_eq!(e.page_arrived(PAGE + 0x1000), 0);
-        assert_eq!(e.delivery_window(0, VcpuState::USER), Ok(Delivery::Nothing));
+        // A token injected after the wake-all's delivery is not covered.
+        let later = inject(&mut e, 0, PAGE + 0x3000);
+        assert_eq!(e.page_arrived(PAGE + 0x3000), 1);
+        assert_eq!(
+            delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
+            later
+        );
+        assert_eq!(e.counters().dropped.wake_all, 2);
+        assert_eq!(e.counters().page_ready_delivered, 1);
+        e.check_invariants().unwrap();
+    }
+
+    /// v1: a "not present" handed out and not drained holds the wake-all (one exception per
+    /// entry), so the token is injected first and the wake-all covers it.
+    #[test]
+    fn v1_wake_all_and_not_present_never_go_at_one_entry() {
+        let mut e = v1(1);
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        let FaultOutcome::Injected(t) = e.fault(0, PAGE, VcpuState::USER).unwrap() else {
+            panic!("fell back")
+        };
+        assert_eq!(held(&mut e, 0, VcpuState::USER), HoldReason::EventPending);
+        assert!(e.wake_all_pending(0));
+        assert!(e.is_outstanding(t));
+        drain(&mut e);
+        assert_eq!(
+            delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
+            Token::WAKE_ALL
+        );
+        assert!(!e.is_outstanding(t));
+        assert_eq!(e.counters().dropped.wake_all, 1);
+    }
+
+    #[test]
+    fn v2_wake_all_covers_the_tokens_injected_before_it_is_raised() {
+        let mut e = v2(1);
+        let a = inject(&mut e, 0, PAGE);
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 9).unwrap();
+        let b = inject(&mut e, 0, PAGE + 0x1000);
+        e.page_arrived(PAGE + 0x1000);
+        assert!(e.is_outstanding(a) && e.is_outstanding(b));
+        assert_eq!(
+            delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
+            Token::WAKE_ALL
+        );
+        assert!(!e.is_outstanding(a) && !e.is_outstanding(b));
+        assert_eq!(e.counters().dropped.wake_all, 2);
+        assert_eq!(e.page_arrived(PAGE), 0);
+        e.check_invariants().unwrap();
+    }
+
+    /// v2: until the guest takes the wake-all's interrupt (and frees the slot) it has not
+    /// run it; a token injected then would be woken by it without being covered by it. So
+    /// "not present" waits while the wake-all is in the slot.
+    #[test]
+    fn v2_not_present_falls_back_while_the_wake_all_is_in_the_slot() {
+        let mut e = engine(PvFeatures::MODERN, 1);
+        e.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR))
+            .unwrap();
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 9).unwrap();
+        assert_eq!(
+            delivered(e.delivery_window(0, VcpuState::USER).unwrap()),
+            Token::WAKE_ALL
+        );
+        let in_flight = Ok(FaultOutcome::Sync(FallbackReason::WakeAllInFlight));
+        // Handed out, not drained: the slot is about to hold it.
+        assert_eq!(e.fault(0, PAGE, VcpuState::USER), in_flight);
+        drain(&mut e);
+        let slot_holds_it = VcpuState {
+            area_token: u32::MAX,
+            ..VcpuState::USER
+        };
+        assert_eq!(e.fault(0, PAGE, slot_holds_it), in_flight);
+        // A late ACK (of an earlier ready) does not say the guest took this one.
+        e.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+        assert_eq!(e.fault(0, PAGE, slot_holds_it), in_flight);
+        assert_eq!(
+            e.counters().fallback.get(FallbackReason::WakeAllInFlight),
+            3
+        );
+        // The guest took it (slot free): injected, ACK or not.
+        let t = inject(&mut e, 0, PAGE);
+        // An individual ready in the slot does not hold "not present".
+        e.page_arrived(PAGE);
+        assert_eq!(delivered(e.delivery_window(0, VcpuState::USER).unwrap()), t);
+        drain(&mut e);
+        let ready_in_slot = VcpuState {
+            area_token: t.get(),
+            ..VcpuState::USER
+        };
+        assert!(matches!(
+            e.fault(0, PAGE + 0x1000, ready_in_slot),
+            Ok(FaultOutcome::Injected(_))
+        ));
+        e.check_invariants().unwrap();
+    }
+
+    /// A snapshot may carry a raised wake-all in the slot that the restored engine never
+    /// handed out: the slot still tells.
+    #[test]
+    fn v2_a_restored_wake_all_in_the_slot_holds_not_present_too() {
+        let saved = v2(1).save();
+        let mut e = engine(PvFeatures::MODERN, 1);
+        e.restore(&saved).unwrap();
+        let s = VcpuState {
+            area_token: u32::MAX,
+            ..VcpuState::USER
+        };
+        assert_eq!(
+            e.fault(0, PAGE, s),
+            Ok(FaultOutcome::Sync(FallbackReason::WakeAllInFlight))
+        );
+        inject(&mut e, 0, PAGE);
+    }
+
+    #[test]
+    fn v1_never_falls_back_for_a_wake_all_in_flight() {
+        let mut e = engine(PvFeatures::SEED, 1);
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        delivered(e.delivery_window(0, VcpuState::USER).unwrap());
+        drain(&mut e);
+        // The guest has taken the wake-all's #PF and returned: the next fault injects,
+        // whatever offset 4 holds (v1 has no token slot).
+        let s = VcpuState {
+            area_token: u32::MAX,
+            ..VcpuState::USER
+        };
+        assert!(matches!(e.fault(0, PAGE, s), Ok(FaultOutcome::Injected(_))));
+        drain(&mut e);
+        assert_eq!(
+            e.counters().fallback.get(FallbackReason::WakeAllInFlight),
+            0
+        );
+    }
+
+    #[test]
+    fn wake_all_pending_until_handed_out() {
+        let mut e = engine(PvFeatures::SEED, 2);
+        assert!(!e.wake_all_pending(0), "APF never enabled");
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        assert!(e.wake_all_pending(0) && !e.wake_all_pending(1));
+        let cli = VcpuState {
+            interrupts_enabled: false,
+            ..VcpuState::USER
+        };
+        held(&mut e, 0, cli);
+        assert!(e.wake_all_pending(0), "held, still queued");
+        delivered(e.delivery_window(0, VcpuState::USER).unwrap());
+        assert!(!e.wake_all_pending(0));
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+        e.msr_write(0, MSR_KVM_ASYNC_PF_EN, 0).unwrap();
+        assert!(!e.wake_all_pending(0), "a disable drops it");
+        assert!(!e.wake_all_pending(5));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use apf_abi::area::REASON_OFFSET;
+use apf_abi::area::{REASON_OFFSET, TOKEN_OFFSET};
 use apf_abi::{Reason, Token, Version};
 
 use crate::action::{APF_ERROR_CODE, Action, FallbackReason, FaultOutcome};
@@ -37,7 +37,6 @@ pub(crate) struct Outstanding {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DropCause {
     Disable,
-    WakeAll,
     Reset,
     Restore,
 }
@@ -157,6 +156,17 @@ impl Engine {
         self.arrived.contains(gpa)
     }
 
+    /// True while a wake-all is queued for vCPU `vcpu` and not handed out yet. A VMM that
+    /// could both open a delivery window and report a fault for this vCPU at one entry
+    /// should open the window first: the wake-all then goes out before the new "not
+    /// present", so the new token is not covered by it and gets its own "page ready"
+    /// (either order is correct; this one wakes the tasks left sleeping sooner).
+    pub fn wake_all_pending(&self, vcpu: usize) -> bool {
+        self.vcpus
+            .get(vcpu)
+            .is_some_and(|v| v.wake_all && v.version().is_some())
+    }
+
     pub(crate) fn check_vcpu(&self, vcpu: usize) -> Result<(), Error> {
         if vcpu < self.vcpus.len() {
             Ok(())
@@ -166,6 +176,25 @@ impl Engine {
                 vcpus: self.vcpus.len(),
             })
         }
+    }
+
+    /// v2: vCPU `vcpu`'s token slot holds the wake-all the guest has not taken yet: the
+    /// VMM read 0xffffffff there, or the engine handed out the write of it and it is not
+    /// drained yet. The slot, not the ACK, is the evidence: only the guest frees it, and it
+    /// does so in the interrupt handler (IF = 0, so no "not present" comes before the
+    /// handler returns), whereas an ACK may be the late ACK of the previous "page ready"
+    /// (the engine delivers into a freed slot without waiting for it), and a restored
+    /// engine never saw the wake-all a snapshot carried in its slot.
+    fn wake_all_in_slot(&self, vcpu: usize, state: &VcpuState) -> bool {
+        let wake_all = Token::WAKE_ALL.get();
+        let slot = self.vcpus[vcpu]
+            .area()
+            .map(|a| a.wrapping_add(TOKEN_OFFSET));
+        state.area_token == wake_all
+            || self.actions.iter().any(|a| {
+                matches!(*a, Action::WriteArea { vcpu: v, gpa, value }
+                    if v == vcpu && Some(gpa) == slot && value == wake_all)
+            })
     }
 
     /// An injection for `vcpu` was handed out and not drained yet: it is an event pending.
@@ -186,6 +215,10 @@ impl Engine {
     /// A fault on a frame that has already arrived (the fault message came late) answers
     /// [`FaultOutcome::AlreadyPresent`]: no token, no action, the vCPU just re-enters. So no
     /// token ever waits for a page that already came.
+    ///
+    /// When [`wake_all_pending`](Engine::wake_all_pending) is true for `vcpu`, prefer
+    /// opening a [`delivery_window`](Engine::delivery_window) first: a token injected before
+    /// the wake-all is handed out is covered by it (no "page ready" of its own).
     pub fn fault(
         &mut self,
         vcpu: usize,
@@ -282,6 +315,14 @@ impl Engine {
         if state.area_reason != 0 {
             return Err(FallbackReason::ReasonNotConsumed);
         }
+        // v2: a wake-all sits in the token slot and the guest has not taken its interrupt.
+        // A token injected now is not covered by it (it comes after the wake-all's delivery)
+        // but its task would sleep before the interrupt is taken (the #PF goes first) and be
+        // woken by it, and then get its own "page ready" too. Falling back until the guest
+        // has taken the wake-all keeps "covered" exact.
+        if en.version() == Some(Version::V2) && self.wake_all_in_slot(vcpu, state) {
+            return Err(FallbackReason::WakeAllInFlight);
+        }
         // "At most 64 outstanding APFs per vCPU; past that the fault is handled
         // synchronously" (§4).
         if v.outstanding >= self.config.max_outstanding_per_vcpu {
@@ -345,9 +386,9 @@ impl Engine {
         }
     }
 
-    /// Drops everything queued or outstanding for `vcpu`: its tokens (no "page ready" will be
-    /// sent for them), its wake-all, its v2 slot state, and actions not drained yet.
-    pub(crate) fn drop_vcpu(&mut self, vcpu: usize, cause: DropCause) {
+    /// Removes every outstanding token of `vcpu` (waiting or ready) from the tables and its
+    /// ready queue. Returns how many there were.
+    fn remove_tokens_of(&mut self, vcpu: usize) -> usize {
         let mine: Vec<Token> = self
             .tokens
             .iter()
@@ -364,20 +405,43 @@ impl Engine {
                 }
             }
         }
+        if let Some(v) = self.vcpus.get_mut(vcpu) {
+            v.ready.retain(|t| !mine.contains(t));
+            v.outstanding = 0;
+        }
+        mine.len()
+    }
+
+    /// A wake-all for `vcpu` is being handed out: "all outstanding APFs should be woken (no
+    /// individual type 2 APFs will be sent)" (§2). Every token of `vcpu` outstanding now had
+    /// its "not present" injected before this wake-all, so the guest's wake-all wakes its
+    /// task: it is covered and gets no "page ready" of its own (its page still arrives;
+    /// [`page_arrived`](Engine::page_arrived) then finds nothing). Tokens injected later are
+    /// not covered. v1: a not-present and the wake-all's #PF cannot be injected at the same
+    /// entry (one exception per entry, and an undrained injection holds the other), so
+    /// "injected before" is exact; v2: see
+    /// [`FallbackReason::WakeAllInFlight`](crate::FallbackReason::WakeAllInFlight).
+    pub(crate) fn cover_by_wake_all(&mut self, vcpu: usize) {
+        let n = self.remove_tokens_of(vcpu);
+        counters::add(&mut self.counters.dropped.wake_all, n);
+    }
+
+    /// Drops everything queued or outstanding for `vcpu`: its tokens (no "page ready" will be
+    /// sent for them), its wake-all, its v2 slot state, and actions not drained yet.
+    pub(crate) fn drop_vcpu(&mut self, vcpu: usize, cause: DropCause) {
+        let n = self.remove_tokens_of(vcpu);
         let d = &mut self.counters.dropped;
         let c = match cause {
             DropCause::Disable => &mut d.disable,
-            DropCause::WakeAll => &mut d.wake_all,
             DropCause::Reset => &mut d.reset,
             DropCause::Restore => &mut d.restore,
         };
-        counters::add(c, mine.len());
+        counters::add(c, n);
         self.actions.retain(|a| a.vcpu() != vcpu);
         if let Some(v) = self.vcpus.get_mut(vcpu) {
-            if v.wake_all && cause != DropCause::WakeAll {
+            if v.wake_all {
                 counters::bump(&mut self.counters.wake_all_dropped);
             }
-            v.outstanding = 0;
             v.ready.clear();
             v.wake_all = false;
             v.awaiting_ack = false;

@@ -34,9 +34,10 @@ impl Engine {
     ///
     /// [`Error::Gp`]: answer #GP; nothing changed, the MSR keeps its previous value (KVM
     /// instead stores an `_EN` value whose area it cannot map; see `apf_abi::msr`). `_EN`
-    /// with ENABLED (and, in modern mode, DELIVERY_AS_INT) queues a wake-all; any other
-    /// `_EN` value disables APF on the vCPU and drops everything outstanding. `_ACK` = 1
-    /// lets the next "page ready" go.
+    /// with ENABLED (and, in modern mode, DELIVERY_AS_INT) queues a wake-all and keeps what
+    /// is outstanding (the wake-all covers it when it is delivered); any other `_EN` value
+    /// disables APF on the vCPU and drops everything outstanding. `_ACK` = 1 lets the next
+    /// "page ready" go.
     pub fn msr_write(&mut self, vcpu: usize, msr: u32, value: u64) -> Result<(), Error> {
         self.check_vcpu(vcpu)?;
         let features = self.config.features;
@@ -92,11 +93,13 @@ impl Engine {
         if en.version().is_some() {
             // Enabling (again): "Guest enables APF (write with bit 0) → host queues a "wake
             // all" (0xffffffff) so tasks left sleeping from before (e.g. after a restore)
-            // retry" (§4). Tokens still outstanding are covered by it: "no individual type 2
-            // APFs will be sent for those" (§2).
-            self.drop_vcpu(vcpu, DropCause::WakeAll);
-            self.vcpus[vcpu].en = Some(en);
-            self.vcpus[vcpu].wake_all = true;
+            // retry" (§4). Nothing is dropped here: which tokens the wake-all covers ("no
+            // individual type 2 APFs will be sent for those", §2) is decided when it is
+            // delivered (`cover_by_wake_all`). A v2 "page ready" raised and not ACKed stays
+            // so: the next delivery waits for the ACK, as KVM's `pageready_pending` does.
+            let v = &mut self.vcpus[vcpu];
+            v.en = Some(en);
+            v.wake_all = true;
             counters::bump(&mut self.counters.wake_all_queued);
         } else {
             // "Guest disables → queue and gfn table cleared, nothing outstanding is
@@ -125,7 +128,7 @@ mod tests {
 
     use super::*;
     use crate::testutil::{RAM_END, area, drain, engine, v1, v2};
-    use crate::{Delivery, VcpuState};
+    use crate::{Delivery, FaultOutcome, VcpuState};
 
     const EN: u32 = MSR_KVM_ASYNC_PF_EN;
     const INT: u32 = MSR_KVM_ASYNC_PF_INT;
@@ -203,6 +206,41 @@ mod tests {
             assert_eq!(e.msr_read(0, EN), Ok(before));
             assert!(e.version(0).is_some());
         }
+    }
+
+    /// Issue 14 item 11: a re-enable does not release a queued delivery while a raised one
+    /// waits for its ACK (KVM keeps `pageready_pending` across the write).
+    #[test]
+    fn v2_reenable_keeps_waiting_for_the_ack() {
+        let mut e = v2(1);
+        let FaultOutcome::Injected(t) = e.fault(0, 0x4_2000, VcpuState::USER).unwrap() else {
+            panic!()
+        };
+        drain(&mut e);
+        e.page_arrived(0x4_2000);
+        assert_eq!(
+            e.delivery_window(0, VcpuState::USER),
+            Ok(Delivery::Delivered {
+                token: t,
+                from_vcpu: 0
+            })
+        );
+        drain(&mut e);
+        e.msr_write(0, EN, area(0) | 9).unwrap();
+        assert!(e.wake_all_pending(0));
+        assert!(
+            !e.pending_delivery(0),
+            "the second wake-all waits for the ACK"
+        );
+        e.msr_write(0, ACK, 1).unwrap();
+        assert!(e.pending_delivery(0));
+        assert_eq!(
+            e.delivery_window(0, VcpuState::USER),
+            Ok(Delivery::Delivered {
+                token: apf_abi::Token::WAKE_ALL,
+                from_vcpu: 0
+            })
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ impl Engine {
     /// Loads a saved state: drops every outstanding token and queued action, forgets every
     /// arrival (the snapshot's memory arrives anew), sets the MSRs, and "restoring `_EN`
     /// re-runs the enable path, whose "wake all" makes sleepers retry" (§4). `_INT` is
-    /// restored before `_EN`, as a guest writes them.
+    /// restored before `_EN`, as a guest writes them. The wake-all is only queued here: it
+    /// covers the tokens injected before it is delivered, e.g. the first faults of a lazy
+    /// restore that reach the engine ahead of it.
     ///
     /// All-or-nothing: a state with another vCPU count or an invalid value (checked against
     /// this engine's features and RAM map, as a guest write would be) changes nothing. A

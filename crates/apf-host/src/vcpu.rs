@@ -19,7 +19,8 @@ pub(crate) struct Vcpu {
     pub ready: VecDeque<Token>,
     /// A wake-all (0xffffffff) is queued.
     pub wake_all: bool,
-    /// v2: a "page ready" was raised and not ACKed yet (KVM's `pageready_pending`).
+    /// v2: a "page ready" was raised and not ACKed yet (KVM's `pageready_pending`). Kept
+    /// across a re-enable, as KVM keeps it: the next delivery waits for the ACK.
     pub awaiting_ack: bool,
     /// v2: the token last written at offset 4, until the slot is seen free or ACKed. Kept out
     /// of allocation so a token the guest may still be reading is never reissued.

@@ -1,7 +1,8 @@
 //! Exhaustive check of a small model: 2 vCPUs, 3 tasks, 2 pages, every interleaving of the
 //! events of `common` up to a depth bound, breadth first, with states deduplicated by hashing
 //! (engine, guest). Every reachable state is checked twice: each step against the protocol's
-//! rules (in `World::apply`), and "no lost wakeup": from that state, letting every fetch
+//! rules (in `World::apply`, including "no token gets both a covering wake-all and an
+//! individual page ready"), and "no lost wakeup": from that state, letting every fetch
 //! complete, every vCPU re-enable and take its windows leaves no task asleep.
 
 mod common;
@@ -42,6 +43,9 @@ fn events() -> Vec<Event> {
 fn normalize(mut w: World) -> World {
     let _ = w.engine.take_counters();
     w.stats = common::Stats::default();
+    // History for error messages only: a covered token has left `outstanding` too, so an
+    // individual ready for it still fails the run after deduplication.
+    w.covered.clear();
     for t in &mut w.guest.tasks {
         t.progress = 0;
         t.pos %= t.pages.len();

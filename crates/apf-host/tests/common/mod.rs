@@ -7,6 +7,14 @@
 //! reads the slot, writes 0 and then ACKs (as a separate step, to widen the interleavings);
 //! an injected #PF is taken before a pending interrupt. The checker, at every step, verifies
 //! what the engine asked for against the protocol's rules and the guest's actual state.
+//!
+//! Wake-all coverage ("all outstanding APFs should be woken (no individual type 2 APFs will
+//! be sent)", §2) is checked from both sides: when a wake-all goes out on vCPU v, every
+//! token of v the checker holds (its "not present" was injected before) is covered, and an
+//! individual "page ready" for a covered token fails the run; and when the guest runs a
+//! wake-all on v, a task of v it wakes from a token the host still holds is noted, and an
+//! individual "page ready" for that token fails the run too, unless a later wake-all of v
+//! covered it first (a snapshot may carry a raised wake-all the restored engine never saw).
 #![allow(
     dead_code,
     clippy::missing_panics_doc,
@@ -14,7 +22,7 @@
     clippy::unnecessary_wraps
 )]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use apf_abi::msr::{MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT};
@@ -164,6 +172,12 @@ pub struct World {
     pub version: Version,
     /// The checker's own table of outstanding tokens → owning vCPU.
     pub outstanding: BTreeMap<u32, usize>,
+    /// Tokens covered by a wake-all delivered after their "not present" (history for the
+    /// error message only: a covered token has also left `outstanding`).
+    pub covered: BTreeSet<u32>,
+    /// Outstanding tokens whose task a wake-all run by the guest on the token's vCPU has
+    /// woken: the guest's side of "covered". Always a subset of `outstanding`.
+    pub woken_by_wake_all: BTreeSet<u32>,
     /// The vCPU's APF was disabled or reset since this task slept: the host's wake-all on
     /// re-enable must cover it (used only for reporting).
     pub stats: Stats,
@@ -174,6 +188,8 @@ pub struct Stats {
     pub injected: u64,
     pub readies: u64,
     pub wake_alls: u64,
+    /// Tokens covered by a delivered wake-all.
+    pub covered: u64,
     pub events: u64,
 }
 
@@ -226,6 +242,8 @@ impl World {
             },
             version,
             outstanding: BTreeMap::new(),
+            covered: BTreeSet::new(),
+            woken_by_wake_all: BTreeSet::new(),
             stats: Stats::default(),
         }
     }
@@ -330,6 +348,9 @@ impl World {
                 true
             }
         };
+        // Tokens dropped (disable, reset, restore) are owed nothing any more.
+        let out = &self.outstanding;
+        self.woken_by_wake_all.retain(|t| out.contains_key(t));
         self.engine.check_invariants()?;
         Ok(did)
     }
@@ -357,7 +378,7 @@ impl World {
         let g = &mut self.guest.vcpus[v];
         g.enabled = true;
         g.send_always = send_always && self.version == Version::V2;
-        self.outstanding.retain(|_, o| *o != v);
+        // An enable drops nothing: its wake-all covers the vCPU's tokens when delivered.
         Ok(true)
     }
 
@@ -408,6 +429,9 @@ impl World {
                 if self.outstanding.insert(t.get(), v).is_some() {
                     return Err(format!("{t:?} reused while outstanding"));
                 }
+                // A token value used again names a new fault.
+                self.covered.remove(&t.get());
+                self.woken_by_wake_all.remove(&t.get());
                 self.stats.injected += 1;
                 self.guest.requested[page] = true;
                 self.guest.tasks[ti].state = TaskState::Faulting;
@@ -518,15 +542,34 @@ impl World {
     }
 
     /// A "page ready" for `raw` goes out on `vcpu`: it must be the broadcast or a token
-    /// still outstanding (injected, not dropped, not delivered before).
-    fn retire_ready(&mut self, raw: u64, vcpu: usize) -> Check {
+    /// still outstanding (injected, not dropped, not covered, not delivered before). The
+    /// broadcast covers every token of `vcpu` outstanding now.
+    pub fn retire_ready(&mut self, raw: u64, vcpu: usize) -> Check {
         if raw == 0xffff_ffff {
             self.stats.wake_alls += 1;
+            let mine: Vec<u32> = self
+                .outstanding
+                .iter()
+                .filter(|&(_, &o)| o == vcpu)
+                .map(|(&t, _)| t)
+                .collect();
+            for t in mine {
+                self.outstanding.remove(&t);
+                self.woken_by_wake_all.remove(&t);
+                self.covered.insert(t);
+                self.stats.covered += 1;
+            }
             return Ok(());
         }
         let Ok(t) = u32::try_from(raw) else {
             return Err(format!("ready with a non-token {raw:#x}"));
         };
+        if self.woken_by_wake_all.remove(&t) {
+            return Err(format!(
+                "token {t:#x}: a wake-all on its vCPU woke its task, and it gets an \
+                 individual page ready too"
+            ));
+        }
         match self.outstanding.remove(&t) {
             Some(owner) => {
                 if owner != vcpu && self.version == Version::V2 {
@@ -537,6 +580,9 @@ impl World {
                 self.stats.readies += 1;
                 Ok(())
             }
+            None if self.covered.contains(&t) => Err(format!(
+                "token {t:#x} got both a covering wake-all and an individual page ready"
+            )),
             None => Err(format!("ready for {t:#x}, which is not outstanding")),
         }
     }
@@ -561,13 +607,14 @@ impl World {
                 };
                 self.guest.tasks[ti].state = state;
             }
-            PfKind::Ready(r) => self.ready(r)?,
+            PfKind::Ready(r) => self.ready(v, r)?,
             other => return Err(format!("guest #PF classified {other:?}")),
         }
         Ok(true)
     }
 
-    fn ready(&mut self, r: Ready) -> Check {
+    /// The guest on vCPU `v` handles a page ready (or the broadcast).
+    pub fn ready(&mut self, v: usize, r: Ready) -> Check {
         match r {
             Ready::Page(t) => match self.guest.table.wake(t) {
                 WakeOutcome::Woken(task) => {
@@ -578,6 +625,14 @@ impl World {
                 other => Err(format!("wake({t:?}) = {other:?}")),
             },
             Ready::WakeAll => {
+                // The guest's wake-all wakes the whole table. Its own vCPU's tasks must not
+                // get an individual page ready for the token they slept on any more.
+                for (t, task) in self.guest.table.iter_sleepers() {
+                    let owner = self.guest.tasks[usize::from(task)].vcpu;
+                    if owner == v && self.outstanding.contains_key(&t.get()) {
+                        self.woken_by_wake_all.insert(t.get());
+                    }
+                }
                 let tasks = &mut self.guest.tasks;
                 let _ = self
                     .guest
@@ -598,7 +653,7 @@ impl World {
         let slot = core::mem::take(&mut g.area_token);
         g.ack_due = true;
         if let Some(r) = reason::take_ready_token(slot) {
-            self.ready(r)?;
+            self.ready(v, r)?;
         }
         Ok(true)
     }
