@@ -62,8 +62,14 @@ impl Action {
 
 /// Why a fault is handled synchronously (the vCPU waits for the page, as without APF).
 ///
-/// One variant per rule that forbids injecting "page not present"; each is counted.
+/// One variant per rule that forbids injecting "page not present"; each is counted. With the
+/// `serde` feature it serializes as its [`name`](FallbackReason::name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum FallbackReason {
     /// APF is not enabled on this vCPU (bit 0 of `_EN` clear, or never written).
     NotEnabled,
@@ -116,6 +122,24 @@ impl FallbackReason {
     pub const fn index(self) -> usize {
         self as usize
     }
+
+    /// A stable snake_case name, the key under which reports and serialized counters carry
+    /// this reason.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FallbackReason::NotEnabled => "not_enabled",
+            FallbackReason::Inert => "inert",
+            FallbackReason::PagingOff => "paging_off",
+            FallbackReason::NotUserMode => "not_user_mode",
+            FallbackReason::InterruptsDisabled => "interrupts_disabled",
+            FallbackReason::InterruptShadow => "interrupt_shadow",
+            FallbackReason::EventPending => "event_pending",
+            FallbackReason::ReasonNotConsumed => "reason_not_consumed",
+            FallbackReason::WakeAllInFlight => "wake_all_in_flight",
+            FallbackReason::OutstandingLimit => "outstanding_limit",
+            FallbackReason::TokensExhausted => "tokens_exhausted",
+        }
+    }
 }
 
 impl fmt::Display for FallbackReason {
@@ -137,13 +161,19 @@ impl fmt::Display for FallbackReason {
     }
 }
 
-/// The engine's answer to "vCPU v faulted on page P".
+/// The engine's answer to "vCPU v faulted on page P". With the `serde` feature it
+/// serializes (only) with the token as its u32 value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum FaultOutcome {
     /// "Page not present" injected with this token: drain the actions (area write, then #PF)
     /// and let the vCPU run; the VMM still fetches the page and reports
     /// [`Engine::page_arrived`](crate::Engine::page_arrived).
-    Injected(Token),
+    Injected(#[cfg_attr(feature = "serde", serde(serialize_with = "token_raw"))] Token),
     /// Handle the fault synchronously: the vCPU waits for the page.
     Sync(FallbackReason),
     /// The page has already arrived ([`Engine::page_arrived`](crate::Engine::page_arrived)
@@ -152,8 +182,21 @@ pub enum FaultOutcome {
     AlreadyPresent,
 }
 
-/// Why a pending "page ready" (or wake-all) was not delivered at a delivery window.
+/// Serializes a token as its u32 value (apf-abi has no serde).
+#[cfg(feature = "serde")]
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `serialize_with` passes a reference
+fn token_raw<S: serde::Serializer>(token: &Token, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u32(token.get())
+}
+
+/// Why a pending "page ready" (or wake-all) was not delivered at a delivery window. With the
+/// `serde` feature it serializes as its [`name`](HoldReason::name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum HoldReason {
     /// v1: IF = 0 (a v1 page ready is a #PF, which must not arrive with IF = 0).
     InterruptsDisabled,
@@ -187,10 +230,29 @@ impl HoldReason {
     pub const fn index(self) -> usize {
         self as usize
     }
+
+    /// A stable snake_case name, the key under which reports and serialized counters carry
+    /// this reason.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HoldReason::InterruptsDisabled => "interrupts_disabled",
+            HoldReason::InterruptShadow => "interrupt_shadow",
+            HoldReason::EventPending => "event_pending",
+            HoldReason::ReasonNotConsumed => "reason_not_consumed",
+            HoldReason::TokenSlotBusy => "token_slot_busy",
+            HoldReason::NoVector => "no_vector",
+        }
+    }
 }
 
-/// What happened at a delivery window.
+/// What happened at a delivery window. With the `serde` feature it serializes (only) with
+/// the token as its u32 value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum Delivery {
     /// Nothing is waiting for this vCPU.
     Nothing,
@@ -199,6 +261,7 @@ pub enum Delivery {
     /// vCPU only for a v1 ready taken over from a blocked vCPU).
     Delivered {
         /// The token delivered.
+        #[cfg_attr(feature = "serde", serde(serialize_with = "token_raw"))]
         token: Token,
         /// The vCPU that took the "not present" (the window's own vCPU for a wake-all).
         from_vcpu: usize,

@@ -1,4 +1,9 @@
 //! A counter for every decision the engine makes.
+//!
+//! With the `serde` feature every type here is `Serialize`, so a VMM reports the engine's
+//! counters as they are: [`FallbackCounts`] and [`HoldCounts`] as maps from the reason's
+//! stable [`name`](FallbackReason::name) to its count (`{"not_enabled": 0, "inert": 0, ..}`),
+//! the rest as structs of named fields.
 
 use apf_abi::MsrError;
 
@@ -7,6 +12,20 @@ use crate::action::{FallbackReason, HoldReason};
 /// Faults handled synchronously, by reason.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FallbackCounts([u64; FallbackReason::ALL.len()]);
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for FallbackCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter().map(|(r, n)| (r.name(), n)))
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for HoldCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter().map(|(r, n)| (r.name(), n)))
+    }
+}
 
 impl FallbackCounts {
     /// Faults that fell back for `reason`.
@@ -48,6 +67,7 @@ impl HoldCounts {
 
 /// Outstanding tokens that got no "page ready" of their own, by cause.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DropCounts {
     /// "If APF is disabled while APFs are outstanding, they are not delivered" (§2).
     pub disable: u64,
@@ -74,6 +94,7 @@ impl DropCounts {
 
 /// MSR accesses answered with #GP, by class of [`MsrError`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct GpCounts {
     /// [`MsrError::NotAdvertised`].
     pub not_advertised: u64,
@@ -111,6 +132,7 @@ impl GpCounts {
 
 /// Every decision the engine has made since it was created. Counters saturate.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Counters {
     /// Faults reported with [`Engine::fault`](crate::Engine::fault).
     pub faults: u64,
@@ -166,4 +188,96 @@ pub(crate) fn bump(c: &mut u64) {
 
 pub(crate) fn add(c: &mut u64, n: usize) {
     *c = c.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_are_stable_unique_snake_case() {
+        let fallback: Vec<&str> = FallbackReason::ALL.iter().map(|r| r.name()).collect();
+        let hold: Vec<&str> = HoldReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(fallback[0], "not_enabled");
+        assert_eq!(fallback[8], "wake_all_in_flight");
+        assert_eq!(hold[4], "token_slot_busy");
+        for names in [&fallback, &hold] {
+            for (i, n) in names.iter().enumerate() {
+                assert!(
+                    n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                    "{n}"
+                );
+                assert!(!names[..i].contains(n), "{n} twice");
+            }
+        }
+        for (i, r) in FallbackReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in HoldReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn counters_serialize_with_reasons_as_named_maps() {
+        let mut c = Counters::default();
+        c.fallback.record(FallbackReason::WakeAllInFlight);
+        c.fallback.record(FallbackReason::WakeAllInFlight);
+        c.held.record(HoldReason::NoVector);
+        c.dropped.wake_all = 3;
+        c.faults_on_arrived = 4;
+        let v = serde_json::to_value(&c).unwrap();
+        let fallback = v["fallback"].as_object().unwrap();
+        assert_eq!(fallback.len(), FallbackReason::ALL.len());
+        assert_eq!(fallback["wake_all_in_flight"], 2);
+        assert_eq!(fallback["not_enabled"], 0);
+        assert_eq!(v["held"]["no_vector"], 1);
+        assert_eq!(v["held"].as_object().unwrap().len(), HoldReason::ALL.len());
+        assert_eq!(v["dropped"]["wake_all"], 3);
+        assert_eq!(v["faults_on_arrived"], 4);
+        assert_eq!(v["gp"]["area_not_in_ram"], 0);
+        // The enums serialize as the same names.
+        for r in FallbackReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+            let back: FallbackReason = serde_json::from_value(r.name().into()).unwrap();
+            assert_eq!(back, r);
+        }
+        for r in HoldReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn outcomes_serialize_with_the_token_as_a_number() {
+        use apf_abi::Token;
+
+        use crate::{Delivery, FaultOutcome};
+        let t = Token::new(0x1000).unwrap();
+        assert_eq!(
+            serde_json::to_string(&FaultOutcome::Injected(t)).unwrap(),
+            r#"{"injected":4096}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&FaultOutcome::Sync(FallbackReason::Inert)).unwrap(),
+            r#"{"sync":"inert"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&FaultOutcome::AlreadyPresent).unwrap(),
+            r#""already_present""#
+        );
+        assert_eq!(
+            serde_json::to_string(&Delivery::Delivered {
+                token: Token::WAKE_ALL,
+                from_vcpu: 1
+            })
+            .unwrap(),
+            r#"{"delivered":{"token":4294967295,"from_vcpu":1}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Delivery::Held(HoldReason::TokenSlotBusy)).unwrap(),
+            r#"{"held":"token_slot_busy"}"#
+        );
+    }
 }
