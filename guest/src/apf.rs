@@ -9,7 +9,7 @@ use apf_abi::cpuid::{FEATURES_LEAF, SIGNATURE_LEAF, signature_regs};
 use apf_abi::msr::{
     EN_DELIVERY_AS_INT, EN_ENABLED, MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT,
 };
-use apf_abi::{HostMode, PvFeatures, Version};
+use apf_abi::{HostMode, PvFeatures, Token, Version};
 use apf_guest::reason::{self, PfKind, Ready};
 use apf_guest::{SleeperTable, WaitOutcome, WakeOutcome};
 use guest_abi::{MAX_TASKS, exit_status};
@@ -17,6 +17,7 @@ use guest_abi::{MAX_TASKS, exit_status};
 use crate::console::{put_hex, puts};
 use crate::sched::{
     ASLEEP, Cpu, IDLE, TASK_STATE, cpu_counters, fatal, make_runnable, state, task_counters,
+    task_ptr,
 };
 use crate::trap::{Frame, VEC_APF};
 use crate::x86::{cpuid, cr2, lapic, wrmsr};
@@ -54,9 +55,61 @@ impl<T> SpinLock<T> {
     }
 }
 
-/// Tasks asleep on tokens (task index as u8), shared by all vCPUs: a v1 page-ready may
-/// arrive on another vCPU than the fault.
-static TABLE: SpinLock<SleeperTable<u8, TABLE_CAPACITY>> = SpinLock::new(SleeperTable::new());
+/// Tokens whose sleeper a wake-all on the token's own vCPU has woken, kept to check the
+/// host: "all outstanding APFs should be woken (no individual type 2 APFs will be sent)"
+/// (§2). The host's wake-all covers every token of its vCPU whose "not present" came before
+/// it, and in this kernel a task sleeps on its token before the #PF handler returns, so a
+/// task that a wake-all of its own vCPU woke slept on a covered token: a later individual
+/// page ready for that token is a host bug ([`CpuCounters::ready_after_wake_all`]).
+/// A ring of the most recent ones: one wake-all wakes at most `MAX_TASKS` tasks.
+///
+/// [`CpuCounters::ready_after_wake_all`]: guest_abi::CpuCounters::ready_after_wake_all
+struct WokenByWakeAll {
+    /// Raw tokens; 0 = empty (never a token).
+    tokens: [u32; WOKEN_CAPACITY],
+    next: usize,
+}
+
+const WOKEN_CAPACITY: usize = 64;
+const _: () = assert!(WOKEN_CAPACITY >= MAX_TASKS);
+
+impl WokenByWakeAll {
+    const fn new() -> Self {
+        WokenByWakeAll {
+            tokens: [0; WOKEN_CAPACITY],
+            next: 0,
+        }
+    }
+
+    fn record(&mut self, token: Token) {
+        self.tokens[self.next] = token.get();
+        self.next = (self.next + 1) % WOKEN_CAPACITY;
+    }
+
+    /// Forgets `token`; true when it was recorded.
+    fn take(&mut self, token: Token) -> bool {
+        match self.tokens.iter_mut().find(|t| **t == token.get()) {
+            Some(t) => {
+                *t = 0;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What the APF client shares between vCPUs, under one lock.
+struct Sleepers {
+    /// Tasks asleep on tokens (task index as u8), shared by all vCPUs: a v1 page-ready may
+    /// arrive on another vCPU than the fault.
+    table: SleeperTable<u8, TABLE_CAPACITY>,
+    woken: WokenByWakeAll,
+}
+
+static TABLE: SpinLock<Sleepers> = SpinLock::new(Sleepers {
+    table: SleeperTable::new(),
+    woken: WokenByWakeAll::new(),
+});
 
 /// The PV feature word, or `None` when there is no KVM signature.
 pub fn features() -> Option<PvFeatures> {
@@ -121,9 +174,11 @@ pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
                 fatal(c, fr, exit_status::FATAL_EXCEPTION, addr);
             }
             #[allow(clippy::cast_possible_truncation)] // task indices < MAX_TASKS <= 255
-            let outcome = TABLE.with(|t| {
-                let o = t.wait(token, cur as u8);
+            let outcome = TABLE.with(|s| {
+                let o = s.table.wait(token, cur as u8);
                 if o == WaitOutcome::Sleep {
+                    // The token names a new fault now (the host reissued it).
+                    let _ = s.woken.take(token);
                     // Inside the lock, so a wake on another vCPU cannot come in between.
                     TASK_STATE[cur as usize].store(state::ASLEEP, Ordering::Release);
                     ASLEEP[c.id as usize].fetch_add(1, Ordering::Relaxed);
@@ -181,12 +236,20 @@ fn wake(c: &Cpu, r: Ready) -> bool {
         Ready::Page(token) => {
             // SAFETY: this vCPU's counters.
             unsafe { (*cc).page_ready += 1 };
-            match TABLE.with(|t| t.wake(token)) {
-                WakeOutcome::Woken(task) => local |= make_runnable(u32::from(task), me),
-                WakeOutcome::DummyRecorded
-                | WakeOutcome::AlreadyRecorded
-                | WakeOutcome::DummyDropped
-                | WakeOutcome::Broadcast => {
+            // A token a wake-all already covered: count it, leave no dummy behind.
+            let outcome = TABLE.with(|s| (!s.woken.take(token)).then(|| s.table.wake(token)));
+            match outcome {
+                None => {
+                    // SAFETY: as above.
+                    unsafe { (*cc).ready_after_wake_all += 1 };
+                }
+                Some(WakeOutcome::Woken(task)) => local |= make_runnable(u32::from(task), me),
+                Some(
+                    WakeOutcome::DummyRecorded
+                    | WakeOutcome::AlreadyRecorded
+                    | WakeOutcome::DummyDropped
+                    | WakeOutcome::Broadcast,
+                ) => {
                     // SAFETY: as above.
                     unsafe { (*cc).early_ready += 1 };
                 }
@@ -195,8 +258,19 @@ fn wake(c: &Cpu, r: Ready) -> bool {
         Ready::WakeAll => {
             // SAFETY: as above.
             unsafe { (*cc).wake_all += 1 };
-            TABLE.with(|t| {
-                let _ = t.wake_all(|task| local |= make_runnable(u32::from(task), me));
+            TABLE.with(|s| {
+                // The host's wake-all covers its own vCPU's tokens only; this kernel wakes
+                // every sleeper (harmless: a woken task retries its access), but only this
+                // vCPU's are owed no page ready any more.
+                for (token, task) in s.table.iter_sleepers() {
+                    // SAFETY: `cpu` of a task never changes after boot.
+                    if unsafe { (*task_ptr(u32::from(task))).cpu } == me {
+                        s.woken.record(token);
+                    }
+                }
+                let _ = s
+                    .table
+                    .wake_all(|task| local |= make_runnable(u32::from(task), me));
             });
         }
     }

@@ -243,6 +243,11 @@ pub struct CpuCounters {
     pub timer_ticks: u64,
     /// Context switches.
     pub switches: u64,
+    /// Page-ready notifications for a token whose task a wake-all on this token's vCPU had
+    /// already woken: the host sent an individual page ready for a token its wake-all covered
+    /// ("no individual type 2 APFs will be sent", §2). A host bug; must stay 0. Counted on
+    /// the vCPU that received the page ready.
+    pub ready_after_wake_all: u64,
 }
 
 /// The page(s) at [`COUNTERS_GPA`].
@@ -332,6 +337,15 @@ mod tests {
             assert_eq!(TaskKind::from_raw(k as u32), Some(k));
         }
         assert_eq!(TaskKind::from_raw(0), None);
+    }
+
+    /// The new counter is appended: every earlier field keeps its offset in the struct
+    /// (apfvm embeds the guest it boots, so both sides always agree on the whole layout).
+    #[test]
+    fn cpu_counters_ready_after_wake_all_is_appended_at_the_end() {
+        assert_eq!(core::mem::offset_of!(CpuCounters, switches), 56);
+        assert_eq!(core::mem::offset_of!(CpuCounters, ready_after_wake_all), 64);
+        assert_eq!(core::mem::size_of::<CpuCounters>(), 72);
     }
 
     #[test]

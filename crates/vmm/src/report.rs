@@ -350,6 +350,9 @@ impl RunReport {
                             idle_halts: c.idle_halts.saturating_sub(b.idle_halts),
                             timer_ticks: c.timer_ticks.saturating_sub(b.timer_ticks),
                             switches: c.switches.saturating_sub(b.switches),
+                            ready_after_wake_all: c
+                                .ready_after_wake_all
+                                .saturating_sub(b.ready_after_wake_all),
                         },
                     }
                 })
