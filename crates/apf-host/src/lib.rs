@@ -39,15 +39,30 @@
 //!
 //! # Inputs and outputs
 //! - [`Engine::msr_write`] / [`Engine::msr_read`]: WRMSR/RDMSR of the three APF MSRs;
-//!   [`Error::Gp`] means "answer #GP", nothing changed.
+//!   [`Error::Gp`] means "answer #GP", nothing changed (the MSR keeps its value).
 //! - [`Engine::fault`]: "vCPU v faulted on page P in state S" → [`FaultOutcome::Injected`]
-//!   (actions queued) or [`FaultOutcome::Sync`] (wait for the page synchronously).
-//! - [`Engine::page_arrived`]: every token on the page becomes ready.
-//! - [`Engine::delivery_window`]: "vCPU v may take a delivery now (state S)".
+//!   (actions queued), [`FaultOutcome::Sync`] (wait for the page synchronously, counted by
+//!   [`FallbackReason`]) or [`FaultOutcome::AlreadyPresent`] (P has arrived already: just
+//!   re-enter).
+//! - [`Engine::page_arrived`]: every token on the page becomes ready; the arrival is
+//!   remembered (a repeated report is a counted no-op). [`Engine::page_evicted`] forgets it.
+//! - [`Engine::delivery_window`]: "vCPU v may take a delivery now (state S)". A wake-all
+//!   covers, when it is handed out here, every token of v injected before it: those get no
+//!   "page ready" of their own.
 //! - [`Engine::reset`], [`Engine::save`], [`Engine::restore`].
 //! - [`Engine::poll_action`]: [`Action::WriteArea`], [`Action::InjectPf`],
 //!   [`Action::RaiseInterrupt`], in the order to perform them.
 //! - [`Engine::pending_delivery`]: whether to kick a vCPU so that it opens a window.
+//!
+//! Questions about tokens and pages, so that nobody decodes a token's bits outside the
+//! engine: [`Engine::token_owner`] (the vCPU that took a token's "not present"),
+//! [`Engine::waits_on`] (does vCPU v hold a token still waiting for page P),
+//! [`Engine::tokens_on_page`], [`Engine::is_outstanding`], [`Engine::is_arrived`],
+//! [`Engine::wake_all_pending`] (open a window before reporting v's fault), and
+//! [`Engine::counters`] ([`Counters`]; `Serialize` with the `serde` feature, reasons keyed
+//! by [`FallbackReason::name`] / [`HoldReason::name`]).
+//!
+//! Where the engine differs from KVM on purpose: `docs/kvm-differences.md`.
 //!
 //! [`VcpuState`] carries the two u32 words of the vCPU's area, which the caller reads from
 //! guest memory just before each call: the engine never reads memory.
