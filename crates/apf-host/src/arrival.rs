@@ -6,7 +6,7 @@
 //! "already present" instead of issuing a token for a page that will never arrive again.
 
 use crate::config::RamMap;
-use crate::engine::{PAGE_SIZE, page_of};
+use crate::page::{PAGE_SIZE, page_of};
 
 /// The frames of one region, `first_frame..` (frame addresses), one bit each.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

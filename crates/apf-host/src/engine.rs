@@ -10,17 +10,10 @@ use crate::arrival::{ArrivalMap, Insert};
 use crate::config::EngineConfig;
 use crate::counters::{self, Counters};
 use crate::error::Error;
+use crate::page::page_of;
 use crate::state::VcpuState;
 use crate::token;
 use crate::vcpu::Vcpu;
-
-/// Guest page size: faults and arrivals are keyed by the 4 KiB frame.
-pub const PAGE_SIZE: u64 = 4096;
-
-/// The frame address of `gpa`.
-pub const fn page_of(gpa: u64) -> u64 {
-    gpa & !(PAGE_SIZE - 1)
-}
 
 /// One outstanding token: "not present" injected, "page ready" not handed out yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

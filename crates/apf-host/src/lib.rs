@@ -75,6 +75,7 @@ mod delivery;
 mod engine;
 mod error;
 mod msr;
+mod page;
 mod snapshot;
 mod state;
 pub mod token;
@@ -88,7 +89,8 @@ pub use action::{
 };
 pub use config::{DEFAULT_MAX_OUTSTANDING_PER_VCPU, EngineConfig, RamMap};
 pub use counters::{Counters, DropCounts, FallbackCounts, GpCounts, HoldCounts};
-pub use engine::{Engine, PAGE_SIZE, page_of};
+pub use engine::Engine;
 pub use error::Error;
+pub use page::{PAGE_SIZE, page_of};
 pub use snapshot::{SavedState, SavedVcpu};
 pub use state::VcpuState;
