@@ -37,67 +37,8 @@ pub fn check(data: &[u8]) {
 
 /// A valid manifest of 2 vCPUs and the smallest RAM a restore accepts, as JSON.
 pub fn base() -> serde_json::Value {
-    use apf_host::{SavedState, SavedVcpu};
-    use kvm_bindings::{kvm_irqchip, kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events};
-    use vmm::config::ApfMode;
-    use vmm::snapshot::format::{
-        CHUNK_SIZE, FORMAT_VERSION, MAGIC, MEMORY, MemoryInfo, SavedConfig, SavedTask,
-        SavedVcpuState, SavedVmState,
-    };
-    let mem = vmm::layout::MIN_RAM;
-    let vcpu = |index| SavedVcpuState {
-        index,
-        regs: kvm_regs::default(),
-        sregs: kvm_sregs::default(),
-        xsave: None,
-        xcrs: None,
-        events: kvm_vcpu_events::default(),
-        lapic: kvm_lapic_state::default(),
-        mp_state: 0,
-        msrs: Vec::new(),
-    };
-    let task = |kind, cpu| SavedTask {
-        kind,
-        cpu,
-        flags: 0,
-        arg0: 0,
-        arg1: 0,
-        arg2: 0,
-    };
-    let m = Manifest {
-        magic: MAGIC.into(),
-        format: FORMAT_VERSION,
-        trigger: "fuzz base".into(),
-        config: SavedConfig {
-            vcpus: 2,
-            mem_size: mem,
-            apf: ApfMode::V2,
-            halt: HaltMode::InKernel,
-            quantum_us: 10_000,
-            tasks: vec![task(1, 0), task(2, 1)],
-            tsc_khz: 2_000_000,
-        },
-        vcpus: vec![vcpu(0), vcpu(1)],
-        vm: SavedVmState {
-            irqchips: vec![kvm_irqchip::default(); 3],
-        },
-        engine: SavedState {
-            vcpus: vec![
-                SavedVcpu {
-                    async_pf_en: 0x20_8009,
-                    async_pf_int: 0xf3,
-                    async_pf_ack: 0,
-                },
-                SavedVcpu::default(),
-            ],
-        },
-        memory: MemoryInfo {
-            file: MEMORY.into(),
-            size: mem,
-            chunk_size: CHUNK_SIZE,
-            crc32: vec![0; usize::try_from(mem.div_ceil(CHUNK_SIZE)).expect("small")],
-        },
-    };
+    let mut m = testkit::manifest::example(vmm::layout::MIN_RAM);
+    m.trigger = "fuzz base".into();
     serde_json::to_value(&m).expect("serializes")
 }
 
@@ -222,11 +163,10 @@ pub fn check_json(data: &[u8]) {
         tasks: m.config.tasks.iter().map(guest_abi_task).collect(),
         quantum_us: m.config.quantum_us,
         halt: HaltMode::NoExit,
-        echo_console: false,
     };
-    let machine_ok = vmm::run::validate_machine(&cfg).is_ok();
+    let machine_ok = vmm::machine::validate(&cfg).is_ok();
     if machine_ok {
-        let features = PvFeatures(vmm::cpuid::pv_features(m.config.apf));
+        let features = PvFeatures(vmm::kvm::cpuid::pv_features(m.config.apf));
         let n = usize::try_from(m.config.vcpus).expect("validated");
         let mut engine = Engine::new(EngineConfig::new(
             features,

@@ -82,6 +82,8 @@ pub const ABI_VERSION: u32 = 1;
 
 /// What a task does. Stored as a `u32` in [`TaskSpec::kind`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 #[repr(u32)]
 pub enum TaskKind {
     /// Counts iterations of a fixed arithmetic loop; `arg0` = duration in ms of TSC time
@@ -248,6 +250,28 @@ pub struct CpuCounters {
     /// ("no individual type 2 APFs will be sent", §2). A host bug; must stay 0. Counted on
     /// the vCPU that received the page ready.
     pub ready_after_wake_all: u64,
+}
+
+impl CpuCounters {
+    /// The events counted since `base` was read (each counter minus `base`'s, at least 0;
+    /// the protocol and vector are this one's).
+    #[must_use]
+    pub fn since(&self, base: &CpuCounters) -> CpuCounters {
+        CpuCounters {
+            apf_version: self.apf_version,
+            apf_vector: self.apf_vector,
+            not_present: self.not_present.saturating_sub(base.not_present),
+            page_ready: self.page_ready.saturating_sub(base.page_ready),
+            wake_all: self.wake_all.saturating_sub(base.wake_all),
+            early_ready: self.early_ready.saturating_sub(base.early_ready),
+            idle_halts: self.idle_halts.saturating_sub(base.idle_halts),
+            timer_ticks: self.timer_ticks.saturating_sub(base.timer_ticks),
+            switches: self.switches.saturating_sub(base.switches),
+            ready_after_wake_all: self
+                .ready_after_wake_all
+                .saturating_sub(base.ready_after_wake_all),
+        }
+    }
 }
 
 /// The page(s) at [`COUNTERS_GPA`].

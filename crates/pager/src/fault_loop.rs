@@ -12,8 +12,7 @@
 //! at the next deadline; it never waits for a vCPU or guest memory, and waits for a fetch
 //! only when fetching inline (a fast source).
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -23,17 +22,16 @@ use std::time::Instant;
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 
+use crate::deadline::{Deadlines, Fetched};
 use crate::error::PagerError;
 use crate::fetch::{Done, FetchPool, Job, fetch};
 use crate::latency::LatencySampler;
 use crate::observer::{FaultEvent, PagerObserver};
-use crate::pager::Shared;
-use crate::prefetch::{
-    BATCH_UNITS_INLINE, BATCH_UNITS_THREADS, PREFETCH_DEPTH, Prefetch, Readahead,
-};
+use crate::prefetch::{BATCH_UNITS_INLINE, BATCH_UNITS_THREADS, PREFETCH_DEPTH, Planner, Prefetch};
 use crate::region::GuestRegion;
+use crate::shared::Shared;
 use crate::source::{PageSource, SourceError};
-use crate::stats::{bump, record};
+use crate::stats::bump;
 use crate::uffd::{CopyOutcome, PAGE_SIZE, PAGE_SIZE_U64, Uffd, UffdError, UffdEvent};
 
 /// A fetch in flight (or fetched, waiting for its deadline).
@@ -46,33 +44,15 @@ struct InFlight {
     faulted: Vec<(u64, Instant)>,
 }
 
-/// A fetched unit waiting for its deadline.
-struct Ready {
-    at: Instant,
-    first: u64,
-    buf: Vec<u8>,
-    prefetch: bool,
-}
-
-impl PartialEq for Ready {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at && self.first == other.first
-    }
-}
-impl Eq for Ready {}
-impl PartialOrd for Ready {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Ready {
-    // Earliest deadline first in a max-heap.
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        other
-            .at
-            .cmp(&self.at)
-            .then_with(|| other.first.cmp(&self.first))
-    }
+/// The aligned unit of `unit_pages` holding `page`, clipped to `region` and to a source of
+/// `page_count` pages: `(first page, pages)`.
+fn unit_of(unit_pages: u64, page_count: u64, page: u64, region: &GuestRegion) -> (u64, u64) {
+    let start = page / unit_pages * unit_pages;
+    let first = start.max(region.first_page());
+    let end = (start + unit_pages)
+        .min(region.end_page())
+        .min(page_count.max(page + 1));
+    (first, end - first)
 }
 
 pub(crate) struct FaultLoop {
@@ -89,14 +69,10 @@ pub(crate) struct FaultLoop {
     inflight: HashMap<u64, InFlight>,
     /// Pages whose fetch failed for good.
     failed: HashSet<u64>,
-    ready: BinaryHeap<Ready>,
+    ready: Deadlines,
     spare: Vec<Vec<u8>>,
-    prefetch: Prefetch,
-    readahead: Readahead,
-    /// Readahead: units queued for prefetch (region, first page).
-    queued: VecDeque<(usize, u64)>,
-    /// Fill: the next page to look at (region, page).
-    fill_cursor: (usize, u64),
+    /// What to prefetch next.
+    planner: Planner,
     /// Prefetch jobs submitted and not yet mapped.
     prefetch_jobs: usize,
     /// Pages mapped so far, and the number that makes the guest fully resident.
@@ -123,7 +99,7 @@ impl FaultLoop {
             .iter()
             .map(|r| r.end_page().min(page_count).saturating_sub(r.first_page()))
             .sum();
-        let fill_cursor = (0, shared.regions.first().map_or(0, GuestRegion::first_page));
+        let planner = Planner::new(prefetch, &shared.regions);
         Self {
             uffd,
             shared,
@@ -136,12 +112,9 @@ impl FaultLoop {
             pool,
             inflight: HashMap::new(),
             failed: HashSet::new(),
-            ready: BinaryHeap::new(),
+            ready: Deadlines::default(),
             spare: Vec::new(),
-            prefetch,
-            readahead: Readahead::new(),
-            queued: VecDeque::new(),
-            fill_cursor,
+            planner,
             prefetch_jobs: 0,
             resident_pages: 0,
             target_pages,
@@ -155,14 +128,15 @@ impl FaultLoop {
             self.pump_prefetch();
             // Inline prefetch work that can start now: poll without waiting (a job held in
             // the deadline queue is waited for like any other).
-            let busy =
-                !self.pool.has_threads() && self.prefetch_jobs == 0 && self.prefetch_pending();
+            let busy = !self.pool.has_threads()
+                && self.prefetch_jobs == 0
+                && self.planner.pending(self.shared.regions.len());
             let timeout = if busy {
                 Some(Duration::ZERO)
             } else {
                 self.ready
-                    .peek()
-                    .map(|r| r.at.saturating_duration_since(Instant::now()))
+                    .next()
+                    .map(|at| at.saturating_duration_since(Instant::now()))
             }
             .map(|d| Timespec {
                 tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -298,7 +272,13 @@ impl FaultLoop {
                 self.start_fetch(first, pages, false);
             }
             if !duplicate {
-                self.readahead_after(ri, first);
+                self.planner.on_fault(
+                    ri,
+                    first,
+                    self.unit_pages,
+                    &self.shared.regions[ri],
+                    self.page_count,
+                );
             }
         } else {
             if page >= self.page_count {
@@ -327,18 +307,19 @@ impl FaultLoop {
             // `on_page_ready` must follow `on_fault`.
             self.observer.on_fault(&event(false));
             self.start_fetch(first, pages, false);
-            self.readahead_after(ri, first);
+            self.planner.on_fault(
+                ri,
+                first,
+                self.unit_pages,
+                &self.shared.regions[ri],
+                self.page_count,
+            );
         }
     }
 
     /// The aligned fetch unit holding `page`, clipped to its region and to the source.
     fn unit_of(&self, page: u64, region: &GuestRegion) -> (u64, u64) {
-        let start = page / self.unit_pages * self.unit_pages;
-        let first = start.max(region.first_page());
-        let end = (start + self.unit_pages)
-            .min(region.end_page())
-            .min(self.page_count.max(page + 1));
-        (first, end - first)
+        unit_of(self.unit_pages, self.page_count, page, region)
     }
 
     fn take_requests(&mut self) {
@@ -401,23 +382,20 @@ impl FaultLoop {
     }
 
     fn on_done(&mut self, done: Done) {
-        record(
-            &mut self
-                .shared
-                .stats
-                .hist
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .fetch_time,
-            done.fetch_time,
-        );
+        self.shared
+            .stats
+            .hist
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fetch_time
+            .record(done.fetch_time);
         match done.result {
             Ok(buf) => {
                 let at = Instant::now() + done.delay;
                 if done.delay.is_zero() {
                     self.map_job(done.first, buf, done.prefetch);
                 } else {
-                    self.ready.push(Ready {
+                    self.ready.push(Fetched {
                         at,
                         first: done.first,
                         buf,
@@ -476,8 +454,7 @@ impl FaultLoop {
         self.inflight.remove(&first);
         // The VM is being stopped: prefetch no more (a source that is down would only keep
         // the fetch threads waiting).
-        self.queued.clear();
-        self.prefetch = Prefetch::None;
+        self.planner.stop();
         self.failed.extend(pages);
         let err = PagerError::Fetch {
             what: self.source.describe(),
@@ -490,8 +467,7 @@ impl FaultLoop {
 
     fn map_due(&mut self) {
         let now = Instant::now();
-        while self.ready.peek().is_some_and(|r| r.at <= now) {
-            let r = self.ready.pop().expect("peeked");
+        while let Some(r) = self.ready.pop_due(now) {
             self.map_job(r.first, r.buf, r.prefetch);
         }
     }
@@ -562,9 +538,9 @@ impl FaultLoop {
         bump(&stats.bytes_copied, copied * PAGE_SIZE_U64);
         {
             let mut h = stats.hist.lock().unwrap_or_else(PoisonError::into_inner);
-            record(&mut h.copy_time, done_at - t0);
+            h.copy_time.record(done_at - t0);
             for &(_, at) in &f.faulted {
-                record(&mut h.fault_to_copy, done_at - at);
+                h.fault_to_copy.record(done_at - at);
             }
         }
         for &(page, _) in &f.faulted {
@@ -572,103 +548,9 @@ impl FaultLoop {
         }
     }
 
-    /// True when a unit may be prefetched: inside the source, not present, not in flight,
-    /// never failed.
-    fn eligible(&self, ri: usize, region: &GuestRegion, first: u64) -> bool {
-        first < self.page_count
-            && !self.shared.resident.get(ri, region, first)
-            && !self.inflight.contains_key(&first)
-            && !self.failed.contains(&first)
-    }
-
-    /// Readahead: a fault on the unit at `first` moves the window and queues what follows.
-    fn readahead_after(&mut self, ri: usize, first: u64) {
-        if self.prefetch != Prefetch::Readahead {
-            return;
-        }
-        let (sequential, units) = self.readahead.on_fault(first / self.unit_pages);
-        if !sequential {
-            self.queued.clear();
-        }
-        let region = self.shared.regions[ri];
-        for u in units {
-            let p = u * self.unit_pages;
-            if !region.contains_page(p) || p >= self.page_count {
-                break;
-            }
-            self.queued.push_back((ri, p));
-        }
-    }
-
-    fn prefetch_pending(&self) -> bool {
-        match self.prefetch {
-            Prefetch::None => false,
-            Prefetch::Readahead => !self.queued.is_empty(),
-            Prefetch::Fill => self.fill_cursor.0 < self.shared.regions.len(),
-        }
-    }
-
-    /// The next prefetch job: up to `batch` consecutive eligible units of one region.
-    #[allow(clippy::type_complexity)]
-    fn next_prefetch(&mut self, batch: u64) -> Option<(usize, u64, Vec<(u64, u64)>)> {
-        let mut units: Vec<(u64, u64)> = Vec::new();
-        let mut region_index = 0;
-        match self.prefetch {
-            Prefetch::None => return None,
-            Prefetch::Readahead => {
-                while let Some(&(ri, p)) = self.queued.front() {
-                    let region = self.shared.regions[ri];
-                    let (first, pages) = self.unit_of(p, &region);
-                    let contiguous = units
-                        .last()
-                        .is_none_or(|&(f, n)| ri == region_index && f + n == first);
-                    if !contiguous || units.len() as u64 >= batch {
-                        break;
-                    }
-                    self.queued.pop_front();
-                    if self.eligible(ri, &region, first) {
-                        region_index = ri;
-                        units.push((first, pages));
-                    } else if !units.is_empty() {
-                        break;
-                    }
-                }
-            }
-            Prefetch::Fill => {
-                while let Some(region) = self.shared.regions.get(self.fill_cursor.0).copied() {
-                    let ri = self.fill_cursor.0;
-                    let p = self.fill_cursor.1;
-                    if p >= region.end_page() || p >= self.page_count {
-                        if !units.is_empty() {
-                            break;
-                        }
-                        self.fill_cursor.0 += 1;
-                        if let Some(next) = self.shared.regions.get(self.fill_cursor.0) {
-                            self.fill_cursor.1 = next.first_page();
-                        }
-                        continue;
-                    }
-                    let (first, pages) = self.unit_of(p, &region);
-                    if self.eligible(ri, &region, first) {
-                        region_index = ri;
-                        units.push((first, pages));
-                    } else if !units.is_empty() {
-                        break;
-                    }
-                    self.fill_cursor.1 = first + pages;
-                    if units.len() as u64 >= batch {
-                        break;
-                    }
-                }
-            }
-        }
-        let first = units.first()?.0;
-        Some((region_index, first, units))
-    }
-
     /// Submits prefetch jobs while there are free prefetch slots.
     fn pump_prefetch(&mut self) {
-        if self.prefetch == Prefetch::None {
+        if self.planner.policy() == Prefetch::None {
             return;
         }
         let threads = self.pool.has_threads();
@@ -678,7 +560,20 @@ impl FaultLoop {
             (1, BATCH_UNITS_INLINE)
         };
         while self.prefetch_jobs < depth {
-            let Some((ri, first, units)) = self.next_prefetch(batch) else {
+            let (unit_pages, page_count) = (self.unit_pages, self.page_count);
+            let (shared, inflight, failed) = (&self.shared, &self.inflight, &self.failed);
+            let eligible = |ri: usize, region: &GuestRegion, first: u64| {
+                first < page_count
+                    && !shared.resident.get(ri, region, first)
+                    && !inflight.contains_key(&first)
+                    && !failed.contains(&first)
+            };
+            let unit_of =
+                |page, region: &GuestRegion| unit_of(unit_pages, page_count, page, region);
+            let Some((ri, first, units)) =
+                self.planner
+                    .next(batch, &shared.regions, page_count, unit_of, eligible)
+            else {
                 break;
             };
             let mut pages = 0;

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::PagerError;
-use crate::pager::Shared;
+use crate::shared::Shared;
 use crate::source::{PageSource, SourceError};
 use crate::stats::{Stats, bump};
 

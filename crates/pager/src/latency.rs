@@ -45,28 +45,19 @@ impl fmt::Display for FetchLatency {
 /// A `--fetch-latency` value that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "bad fetch latency {0:?}: expected none, DUR (e.g. 5ms, 250us, 1.5ms, 2s), \
+    "bad fetch latency {0:?}: expected none, DUR (e.g. 5ms, 250us, 2s), \
      uniform:DUR..DUR, or exp:DUR (mean)"
 )]
 pub struct ParseLatencyError(String);
 
-/// Parses `5ms`, `250us`, `100ns`, `1.5ms`, `2s`; a bare `0` means zero.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+/// Parses a duration as `humantime` does (`5ms`, `250us`, `2s`, `1m 30s`); a bare `0` means
+/// zero.
+fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s == "0" {
         return Some(Duration::ZERO);
     }
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().ok()?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(value * scale).ok()
+    humantime::parse_duration(s).ok()
 }
 
 impl FromStr for FetchLatency {
@@ -108,12 +99,12 @@ impl FromStr for FetchLatency {
     }
 }
 
-/// Draws delays from a [`FetchLatency`] with a seeded splitmix64 generator (deterministic:
-/// the n-th fetch started gets the n-th sample).
+/// Draws delays from a [`FetchLatency`] with a seeded generator (deterministic: the n-th
+/// fetch started gets the n-th sample).
 #[derive(Debug, Clone)]
 pub struct LatencySampler {
     latency: FetchLatency,
-    state: u64,
+    rng: fastrand::Rng,
 }
 
 impl LatencySampler {
@@ -121,25 +112,13 @@ impl LatencySampler {
     pub fn new(latency: FetchLatency, seed: u64) -> Self {
         Self {
             latency,
-            state: seed,
+            rng: fastrand::Rng::with_seed(seed),
         }
-    }
-
-    /// Next raw 64-bit value (splitmix64).
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 
     /// Uniform in `[0, 1)`.
     fn next_unit(&mut self) -> f64 {
-        // 53 random bits: exactly representable in an f64.
-        #[allow(clippy::cast_precision_loss)]
-        let v = (self.next_u64() >> 11) as f64;
-        v / 9_007_199_254_740_992.0 // 2^53
+        self.rng.f64()
     }
 
     /// The delay for the next fetch.
@@ -175,7 +154,7 @@ mod tests {
             Ok(FetchLatency::Fixed(Duration::from_micros(250)))
         );
         assert_eq!(
-            "1.5ms".parse(),
+            "1500us".parse(),
             Ok(FetchLatency::Fixed(Duration::from_micros(1500)))
         );
         assert_eq!(

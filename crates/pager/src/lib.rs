@@ -31,6 +31,7 @@
 pub mod nbd;
 pub mod uffd;
 
+mod deadline;
 mod error;
 mod fault_loop;
 mod fetch;
@@ -39,19 +40,20 @@ mod observer;
 mod pager;
 mod prefetch;
 mod region;
+mod shared;
 mod source;
 mod stats;
 mod verify;
 
 pub use error::PagerError;
-pub use latency::{FetchLatency, LatencySampler, ParseLatencyError, parse_duration};
+pub use latency::{FetchLatency, LatencySampler, ParseLatencyError};
 pub use nbd::{NbdSource, NbdSourceConfig, NbdUrl};
 pub use observer::{ChannelObserver, FaultEvent, NoopObserver, PagerEvent, PagerObserver};
 pub use pager::{Pager, PagerConfig, PagerHandle};
 pub use prefetch::{ParsePrefetchError, Prefetch};
 pub use region::GuestRegion;
 pub use source::{FileSource, PageSource, SourceError, VecSource, ZeroSource};
-pub use stats::{LatencySummary, PagerStats};
+pub use stats::{Latency, LatencySummary, PagerStats};
 pub use uffd::{AnonMapping, PAGE_SIZE, Uffd, UffdError, current_thread_id};
 pub use verify::{
     VerifiedSource, VerifyConfigError, chunk_checksum, chunk_checksums, chunk_checksums_from_reader,

@@ -1,7 +1,6 @@
 //! The pager: its configuration, start and stop, and a handle for other threads. The fault
 //! loop itself is in `fault_loop.rs`, the fetch threads in `fetch.rs`.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -15,9 +14,10 @@ use crate::latency::{FetchLatency, LatencySampler};
 use crate::observer::PagerObserver;
 use crate::prefetch::Prefetch;
 use crate::region::{GuestRegion, ResidentMap, validate};
+use crate::shared::Shared;
 use crate::source::PageSource;
 use crate::stats::{PagerStats, Stats};
-use crate::uffd::{PAGE_SIZE_U64, Uffd, UffdError};
+use crate::uffd::{Uffd, UffdError};
 
 /// How the pager fetches.
 #[derive(Debug, Clone)]
@@ -63,39 +63,6 @@ impl PagerConfig {
         } else {
             Self::DEFAULT_FETCH_THREADS
         })
-    }
-}
-
-/// State shared between the pager thread, its fetch threads and handles.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub regions: Vec<GuestRegion>,
-    pub resident: ResidentMap,
-    pub stats: Stats,
-    pub stop: AtomicBool,
-    pub wake: OwnedFd,
-    pub requests: Mutex<Vec<u64>>,
-}
-
-impl Shared {
-    pub fn wake(&self) {
-        // A full counter (EAGAIN) is still a pending wake-up.
-        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
-    }
-
-    pub fn region_of_gpa(&self, gpa: u64) -> Option<(usize, &GuestRegion)> {
-        let page = gpa / PAGE_SIZE_U64;
-        self.regions
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.contains_page(page))
-    }
-
-    fn is_resident(&self, gpa: u64) -> bool {
-        match self.region_of_gpa(gpa) {
-            Some((i, r)) => self.resident.get(i, r, gpa / PAGE_SIZE_U64),
-            None => true,
-        }
     }
 }
 

@@ -14,9 +14,12 @@
 //! is left for faults, a fault always goes ahead of every queued prefetch, and a fault on a
 //! unit whose prefetch is still queued gets its own high-priority fetch.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
+
+use crate::region::GuestRegion;
 
 /// The prefetch policy of a pager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,6 +115,142 @@ impl Readahead {
     #[cfg(test)]
     pub fn window(&self) -> u64 {
         self.window
+    }
+}
+
+/// What to prefetch next, per policy: the readahead queue, or the fill cursor.
+#[derive(Debug)]
+pub(crate) struct Planner {
+    policy: Prefetch,
+    readahead: Readahead,
+    /// Readahead: units queued for prefetch (region, first page).
+    queued: VecDeque<(usize, u64)>,
+    /// Fill: the next page to look at (region, page).
+    fill_cursor: (usize, u64),
+}
+
+/// A prefetch job: the region index, its first page, and its units `(first page, pages)`,
+/// consecutive.
+pub(crate) type PrefetchJob = (usize, u64, Vec<(u64, u64)>);
+
+impl Planner {
+    pub fn new(policy: Prefetch, regions: &[GuestRegion]) -> Planner {
+        Planner {
+            policy,
+            readahead: Readahead::new(),
+            queued: VecDeque::new(),
+            fill_cursor: (0, regions.first().map_or(0, GuestRegion::first_page)),
+        }
+    }
+
+    pub fn policy(&self) -> Prefetch {
+        self.policy
+    }
+
+    /// Prefetches no more (a fetch failed for good).
+    pub fn stop(&mut self) {
+        self.queued.clear();
+        self.policy = Prefetch::None;
+    }
+
+    /// Readahead: a fault on the unit at `first` (of `unit_pages`, in region `ri` of a
+    /// source of `page_count` pages) moves the window and queues what follows.
+    pub fn on_fault(
+        &mut self,
+        ri: usize,
+        first: u64,
+        unit_pages: u64,
+        region: &GuestRegion,
+        page_count: u64,
+    ) {
+        if self.policy != Prefetch::Readahead {
+            return;
+        }
+        let (sequential, units) = self.readahead.on_fault(first / unit_pages);
+        if !sequential {
+            self.queued.clear();
+        }
+        for u in units {
+            let p = u * unit_pages;
+            if !region.contains_page(p) || p >= page_count {
+                break;
+            }
+            self.queued.push_back((ri, p));
+        }
+    }
+
+    /// True while there is something left to prefetch (of `regions` regions).
+    pub fn pending(&self, regions: usize) -> bool {
+        match self.policy {
+            Prefetch::None => false,
+            Prefetch::Readahead => !self.queued.is_empty(),
+            Prefetch::Fill => self.fill_cursor.0 < regions,
+        }
+    }
+
+    /// The next job: up to `batch` consecutive units of one region that `eligible` accepts
+    /// (not present, not in flight, never failed), each unit as `unit_of` cuts it.
+    pub fn next(
+        &mut self,
+        batch: u64,
+        regions: &[GuestRegion],
+        page_count: u64,
+        unit_of: impl Fn(u64, &GuestRegion) -> (u64, u64),
+        eligible: impl Fn(usize, &GuestRegion, u64) -> bool,
+    ) -> Option<PrefetchJob> {
+        let mut units: Vec<(u64, u64)> = Vec::new();
+        let mut region_index = 0;
+        match self.policy {
+            Prefetch::None => return None,
+            Prefetch::Readahead => {
+                while let Some(&(ri, p)) = self.queued.front() {
+                    let region = regions[ri];
+                    let (first, pages) = unit_of(p, &region);
+                    let contiguous = units
+                        .last()
+                        .is_none_or(|&(f, n)| ri == region_index && f + n == first);
+                    if !contiguous || units.len() as u64 >= batch {
+                        break;
+                    }
+                    self.queued.pop_front();
+                    if eligible(ri, &region, first) {
+                        region_index = ri;
+                        units.push((first, pages));
+                    } else if !units.is_empty() {
+                        break;
+                    }
+                }
+            }
+            Prefetch::Fill => {
+                while let Some(region) = regions.get(self.fill_cursor.0).copied() {
+                    let ri = self.fill_cursor.0;
+                    let p = self.fill_cursor.1;
+                    if p >= region.end_page() || p >= page_count {
+                        if !units.is_empty() {
+                            break;
+                        }
+                        self.fill_cursor.0 += 1;
+                        if let Some(next) = regions.get(self.fill_cursor.0) {
+                            self.fill_cursor.1 = next.first_page();
+                        }
+                        continue;
+                    }
+                    let (first, pages) = unit_of(p, &region);
+                    if eligible(ri, &region, first) {
+                        region_index = ri;
+                        units.push((first, pages));
+                    } else if !units.is_empty() {
+                        break;
+                    }
+                    self.fill_cursor.1 = first + pages;
+                    if units.len() as u64 >= batch {
+                        break;
+                    }
+                }
+            }
+        }
+        let first = units.first()?.0;
+        Some((region_index, first, units))
     }
 }
 

@@ -26,6 +26,45 @@ pub struct LatencySummary {
     pub mean_ns: u64,
 }
 
+/// A latency distribution being recorded: an hdrhistogram from 1 ns to 1 hour with three
+/// significant digits (bounded memory whatever the number of samples). The one latency type of
+/// the project: the pager's and the VMM's APF path record into it, reports show its
+/// [`LatencySummary`].
+#[derive(Debug, Clone)]
+pub struct Latency(Histogram<u64>);
+
+impl Latency {
+    /// An empty distribution.
+    pub fn new() -> Self {
+        // 1 ns .. 1 hour, 3 significant digits: valid bounds, so this cannot fail.
+        Self(Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds"))
+    }
+
+    /// Records one sample (saturating at the upper bound; 0 counts as 1 ns).
+    pub fn record(&mut self, d: Duration) {
+        self.0
+            .saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
+    }
+
+    /// Its percentiles so far.
+    pub fn summary(&self) -> LatencySummary {
+        LatencySummary::of(&self.0)
+    }
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Latency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.summary().serialize(s)
+    }
+}
+
 impl LatencySummary {
     fn of(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
@@ -134,18 +173,9 @@ pub(crate) struct Stats {
 
 #[derive(Debug)]
 pub(crate) struct Histograms {
-    pub fault_to_copy: Histogram<u64>,
-    pub fetch_time: Histogram<u64>,
-    pub copy_time: Histogram<u64>,
-}
-
-fn new_hist() -> Histogram<u64> {
-    // 1 ns .. 1 hour, 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
-}
-
-pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
-    h.saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
+    pub fault_to_copy: Latency,
+    pub fetch_time: Latency,
+    pub copy_time: Latency,
 }
 
 impl Stats {
@@ -169,9 +199,9 @@ impl Stats {
             bytes_copied: AtomicU64::new(0),
             copy_calls: AtomicU64::new(0),
             hist: Mutex::new(Histograms {
-                fault_to_copy: new_hist(),
-                fetch_time: new_hist(),
-                copy_time: new_hist(),
+                fault_to_copy: Latency::new(),
+                fetch_time: Latency::new(),
+                copy_time: Latency::new(),
             }),
         }
     }
@@ -200,9 +230,9 @@ impl Stats {
             eexist: g(&self.eexist),
             bytes_copied: g(&self.bytes_copied),
             copy_calls: g(&self.copy_calls),
-            fault_to_copy: LatencySummary::of(&h.fault_to_copy),
-            fetch_time: LatencySummary::of(&h.fetch_time),
-            copy_time: LatencySummary::of(&h.copy_time),
+            fault_to_copy: h.fault_to_copy.summary(),
+            fetch_time: h.fetch_time.summary(),
+            copy_time: h.copy_time.summary(),
         }
     }
 }

@@ -26,8 +26,8 @@ pub enum HaltMode {
     /// KVM emulates `hlt` in the kernel (the vCPU sleeps until an interrupt).
     #[default]
     InKernel,
-    /// `KVM_CAP_X86_DISABLE_EXITS(HLT)`: `hlt` does not exit at all. Needed later for the
-    /// userfaultfd pager (host-facts.md, "the trap").
+    /// `KVM_CAP_X86_DISABLE_EXITS(HLT)`: `hlt` does not exit at all; a missing page is
+    /// then faulted on the vCPU thread (host-facts.md, "the trap").
     NoExit,
 }
 
@@ -48,6 +48,54 @@ pub struct VmConfig {
     pub quantum_us: u32,
     /// `hlt` handling.
     pub halt: HaltMode,
-    /// Echo the guest console to stdout as it arrives.
-    pub echo_console: bool,
+}
+
+/// Who turns a missing page of a lazily restored guest into an asynchronous page fault
+/// (`apfvm restore --apf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApfPath {
+    /// apfvm, from userspace (uffd message → kick → APF driver → inject).
+    Userspace,
+    /// Nobody: every missing page stalls its vCPU (the VMM never injects). `hlt` stays in
+    /// the guest (`HaltMode::NoExit`), so the fault is taken on the vCPU thread, which
+    /// sleeps in the kernel's userfaultfd handling until the page lands: no interrupt gets
+    /// in.
+    Off,
+    /// Nobody injects, but the VM is made as for `Kernel` except that the APF MSRs stay
+    /// filtered to the VMM (KVM never sees the guest's enable): in-kernel `hlt` and LAPIC, so
+    /// KVM takes the fault in a kworker and parks the vCPU in its "APF halt", which lets
+    /// interrupts in (host-facts.md, "the trap").
+    OffHalt,
+    /// KVM's own in-kernel APF on the same userfaultfd memory: no MSR filter (KVM owns the
+    /// APF MSRs; the snapshot's values are written into KVM), in-kernel `hlt` (KVM's path
+    /// needs its "APF halt"), faults taken by KVM's kworkers. Only a v2 guest gets APFs.
+    Kernel,
+}
+
+impl ApfPath {
+    /// How `hlt` must be handled for this path: userspace APF needs faults taken on the
+    /// vCPU thread (host-facts.md, "the trap"); KVM's own APF needs its in-kernel halt.
+    pub fn halt(self) -> HaltMode {
+        match self {
+            ApfPath::Userspace | ApfPath::Off => HaltMode::NoExit,
+            ApfPath::OffHalt | ApfPath::Kernel => HaltMode::InKernel,
+        }
+    }
+
+    /// True when KVM itself handles the APF MSRs (no MSR filter).
+    pub fn kvm_owns_msrs(self) -> bool {
+        self == ApfPath::Kernel
+    }
+}
+
+impl std::fmt::Display for ApfPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApfPath::Userspace => "userspace",
+            ApfPath::Off => "off",
+            ApfPath::OffHalt => "off (KVM's APF halt)",
+            ApfPath::Kernel => "kernel (KVM's own)",
+        })
+    }
 }

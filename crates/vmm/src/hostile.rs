@@ -11,7 +11,6 @@
 use guest_abi::{HOSTILE_CASES, MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec, WORKLOAD_GPA};
 
 use crate::error::{Result, VmmError};
-use crate::workload::WorkloadParams;
 
 /// Scan tasks of `hostile:same-page`.
 pub const SAME_PAGE_SCANS: usize = 16;
@@ -47,11 +46,19 @@ fn scan(cpu: u32, start: u64, len: u64, passes: u64) -> TaskSpec {
     }
 }
 
-/// The task table of `hostile:<case>`.
-pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
+/// The task table of `hostile:<case>` over `vcpus` vCPUs, its scans in
+/// `[WORKLOAD_GPA, ram_end)`: `scan_bytes` per scan (same-page), in total (flood, the other
+/// cases), `scan_passes` each.
+pub fn tasks(
+    case: &str,
+    vcpus: u32,
+    ram_end: u64,
+    scan_bytes: Option<u64>,
+    scan_passes: u64,
+) -> Result<Vec<TaskSpec>> {
     let index = case_index(case.trim())?;
-    let vcpus = p.vcpus.max(1);
-    let region = p.ram_end.saturating_sub(WORKLOAD_GPA);
+    let vcpus = vcpus.max(1);
+    let region = ram_end.saturating_sub(WORKLOAD_GPA);
     let mut t: Vec<TaskSpec> = (0..vcpus)
         .map(|cpu| TaskSpec {
             kind: TaskKind::Compute as u32,
@@ -61,15 +68,14 @@ pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
         .collect();
     match case.trim() {
         "same-page" => {
-            let len = p.scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
+            let len = scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
             for i in 0..SAME_PAGE_SCANS {
                 let cpu = u32::try_from(i).unwrap_or(0) % vcpus;
-                t.push(scan(cpu, WORKLOAD_GPA, len, p.scan_passes));
+                t.push(scan(cpu, WORKLOAD_GPA, len, scan_passes));
             }
         }
         "flood" => {
-            let total = p
-                .scan_bytes
+            let total = scan_bytes
                 .unwrap_or(FLOOD_SHARE * FLOOD_SCANS as u64)
                 .min(region);
             let share = (total / FLOOD_SCANS as u64) & !0xfff;
@@ -84,7 +90,7 @@ pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
                     cpu,
                     WORKLOAD_GPA + i as u64 * share,
                     share,
-                    p.scan_passes,
+                    scan_passes,
                 ));
             }
         }
@@ -96,8 +102,8 @@ pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
                 arg0: index as u64,
                 ..TaskSpec::default()
             });
-            let len = p.scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
-            t.push(scan(cpu, WORKLOAD_GPA, len, p.scan_passes));
+            let len = scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
+            t.push(scan(cpu, WORKLOAD_GPA, len, scan_passes));
         }
     }
     if t.len() > MAX_TASKS {
@@ -113,20 +119,14 @@ pub fn tasks(case: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
 mod tests {
     use super::*;
 
-    fn params() -> WorkloadParams {
-        WorkloadParams {
-            vcpus: 2,
-            ram_end: 64 << 20,
-            scan_bytes: None,
-            scan_passes: 1,
-            compute_ms: 0,
-        }
+    fn table(case: &str) -> Result<Vec<TaskSpec>> {
+        tasks(case, 2, 64 << 20, None, 1)
     }
 
     #[test]
     fn every_case_builds_a_valid_table() {
         for (i, name) in HOSTILE_CASES.iter().enumerate() {
-            let t = tasks(name, params()).unwrap();
+            let t = table(name).unwrap();
             assert!(t.len() <= MAX_TASKS);
             assert!(t.iter().all(|t| t.cpu < 2));
             assert!(
@@ -138,16 +138,16 @@ mod tests {
                 assert_eq!((h.arg0, h.cpu), (i as u64, 1));
             }
         }
-        assert!(tasks("nope", params()).is_err());
+        assert!(table("nope").is_err());
     }
 
     #[test]
     fn flood_scans_distinct_regions_and_same_page_one() {
-        let t = tasks("flood", params()).unwrap();
+        let t = table("flood").unwrap();
         let scans: Vec<_> = t.iter().filter(|t| t.kind == 2).collect();
         assert_eq!(scans.len(), FLOOD_SCANS);
         assert!(scans.windows(2).all(|w| w[0].arg0 + w[0].arg1 <= w[1].arg0));
-        let t = tasks("same-page", params()).unwrap();
+        let t = table("same-page").unwrap();
         assert!(
             t.iter()
                 .filter(|t| t.kind == 2)

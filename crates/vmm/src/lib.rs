@@ -1,31 +1,26 @@
-//! `apfvm`: a KVM virtual machine monitor that serves KVM's paravirtual asynchronous page
-//! fault (APF) protocol from userspace, to the project's own guest kernel.
+//! The `apfvm` VMM as a library: a KVM virtual machine monitor that serves KVM's
+//! paravirtual asynchronous page fault (APF) protocol from userspace, to the project's own
+//! guest kernel. The command line and the experiments live in the `apfvm` and `harness`
+//! crates.
 //!
-//! Module map:
-//! - [`config`], [`workload`]: what to run.
+//! Module map, from the bottom up:
+//! - [`config`], [`workload`] (with [`hostile`]): what to run.
 //! - [`memory`] (the one module with host pointers to guest RAM), [`layout`] (page tables,
 //!   GDT, size rules), [`loader`] (the guest ELF), [`guest_image`] (the bundled guest).
-//! - [`kvm`]: VM creation (capabilities, [`kvm::msr_filter`], irqchip) and [`kvm::vcpu`].
-//! - [`cpuid`]: the CPUID table per `--apf`.
+//! - [`kvm`]: the VM (capabilities, MSR filter, irqchip), the vCPUs, CPUID.
 //! - [`exit`]: exit handling as a free function over an owned [`exit::Exit`].
-//! - [`apf`]: the apf-host engine and the carrying out of its actions.
-//! - [`kick`]: kicking vCPUs out of `KVM_RUN` (now or after a delay).
-//! - [`vcpu_loop`], [`run`](mod@run)(mod@run): the vCPU threads and one whole run; [`console`]: port 0xe9;
-//!   [`report`]: the results (text and JSON).
-//! - [`snapshot`] (format, taking one), [`restore`] (eager and lazy), [`lazy`] (the pager
-//!   behind lazily restored memory); the userspace APF path is in [`apf`].
-//! - [`bench`] (shared orchestration: snapshots, one restore per mode, medians, plot) and
-//!   [`demo`] (the `apfvm demo` and `apfvm bench` commands); [`soak`] (`apfvm soak`: random
-//!   restores over and over, every run checked).
-//! - [`cli`]: the `apfvm` command line (the binary is `src/main.rs`).
+//! - [`kick`]: kicking a vCPU thread out of `KVM_RUN`.
+//! - [`apf`]: the userspace APF driver (a pure core and its KVM executor) on the apf-host
+//!   engine.
+//! - [`snapshot`]: the on-disk format, taking one; [`source`] (a snapshot's memory from its
+//!   file or NBD) and [`lazy`] (memory served on demand by the pager).
+//! - [`machine`] (a VM booted or restored, not running), [`run`](mod@run) (running it: vCPU
+//!   threads, APF driver, memory backend, observer), [`restore`] (snapshot → machine →
+//!   memory → run), [`report`] (what a run produced).
 
 pub mod apf;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod console;
-pub mod cpuid;
-pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod guest_image;
@@ -35,21 +30,29 @@ pub mod kvm;
 pub mod layout;
 pub mod lazy;
 pub mod loader;
+pub mod machine;
 pub mod memory;
 pub mod report;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
-pub mod soak;
-pub mod vcpu_loop;
+pub mod source;
 pub mod workload;
 
-pub use config::{ApfMode, HaltMode, VmConfig};
+pub use config::{ApfMode, ApfPath, HaltMode, VmConfig};
 pub use error::{Result, VmmError};
+pub use machine::Machine;
 pub use report::RunReport;
-pub use run::{RunOptions, SnapshotPlan, run, run_with};
+pub use restore::{RestoreOptions, restore};
+pub use run::observer::{NoObserver, RunObserver};
+pub use run::{ApfOptions, Memory, RunOptions, SnapshotPlan, run};
 
-/// True when `/dev/kvm` exists (tests skip without it).
+/// Boots `cfg` and runs it to its end.
+pub fn boot_and_run(cfg: &VmConfig, opts: &RunOptions) -> Result<RunReport> {
+    run(Machine::boot(cfg)?, Memory::Resident, opts, &mut NoObserver)
+}
+
+/// True when `/dev/kvm` exists.
 pub fn kvm_available() -> bool {
     std::path::Path::new(kvm::vm::KVM_PATH).exists()
 }

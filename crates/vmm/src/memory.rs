@@ -9,7 +9,59 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::error::{Result, VmmError};
+/// A guest memory operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// `size` bytes cannot be mapped.
+    #[error("cannot map {size} bytes: {reason}")]
+    Map {
+        /// Bytes asked for.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// An access that does not lie wholly in RAM.
+    #[error("access {gpa:#x}+{len} outside guest RAM [0, {size:#x})")]
+    OutOfRange {
+        /// First byte.
+        gpa: u64,
+        /// Bytes.
+        len: usize,
+        /// RAM size.
+        size: u64,
+    },
+    /// vm-memory refused an access inside RAM.
+    #[error("{op} {gpa:#x}+{len}: {reason}")]
+    Access {
+        /// `read`, `write`, `host address of`.
+        op: &'static str,
+        /// First byte.
+        gpa: u64,
+        /// Bytes.
+        len: usize,
+        /// What vm-memory said.
+        reason: String,
+    },
+    /// A KVM memory slot could not be registered.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot}: {err}")]
+    Slot {
+        /// The slot.
+        slot: u32,
+        /// The errno.
+        err: kvm_ioctls::Error,
+    },
+}
+
+type Result<T, E = MemoryError> = std::result::Result<T, E>;
+
+fn access(op: &'static str, gpa: u64, len: usize, e: &impl std::fmt::Display) -> MemoryError {
+    MemoryError::Access {
+        op,
+        gpa,
+        len,
+        reason: e.to_string(),
+    }
+}
 
 /// Guest RAM: `[0, size)`.
 #[derive(Debug)]
@@ -22,10 +74,11 @@ impl GuestRam {
     /// Maps `size` bytes of zeroed anonymous memory. `size` is validated by the caller
     /// ([`crate::layout::check_ram_size`]).
     pub fn new(size: u64) -> Result<GuestRam> {
-        let len = usize::try_from(size)
-            .map_err(|_| VmmError::Memory(format!("{size} bytes does not fit")))?;
+        let map = |reason: String| MemoryError::Map { size, reason };
+        let len =
+            usize::try_from(size).map_err(|_| map("does not fit the address space".into()))?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
-            .map_err(|e| VmmError::Memory(format!("cannot map {size} bytes: {e}")))?;
+            .map_err(|e| map(e.to_string()))?;
         Ok(GuestRam { mem, size })
     }
 
@@ -50,29 +103,31 @@ impl GuestRam {
         self.check(gpa, len)?;
         self.mem
             .get_host_address(GuestAddress(gpa))
-            .map_err(|e| VmmError::Memory(format!("host address of {gpa:#x}: {e}")))
+            .map_err(|e| access("host address of", gpa, len, &e))
     }
 
-    /// Registers every region as a KVM memory slot.
-    pub fn register(&self, vm: &VmFd) -> Result<()> {
+    /// Registers every region as a KVM memory slot of `vm`. Only for [`crate::kvm::vm::Vm`],
+    /// which holds this RAM alive for as long as the VM exists.
+    pub(crate) fn register(&self, vm: &VmFd) -> Result<()> {
         for (slot, region) in self.mem.iter().enumerate() {
             let host = self
                 .mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory(format!("host address of region {slot}: {e}")))?;
+                .map_err(|e| access("host address of", region.start_addr().0, 0, &e))?;
             let desc = kvm_userspace_memory_region {
-                slot: u32::try_from(slot)
-                    .map_err(|_| VmmError::Memory("too many regions".into()))?,
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
             // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by
-            // `self.mem`. The VM (and so the slot) never outlives it: `Machine` declares the
-            // VM fd before the RAM, so the VM is dropped (slots torn down) first.
-            unsafe { vm.set_user_memory_region(desc) }
-                .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            // `self.mem`. The VM (and so the slot) never outlives it: the only caller,
+            // `Vm::create`, keeps an `Arc` of this RAM in the `Vm` that owns the VM fd.
+            unsafe { vm.set_user_memory_region(desc) }.map_err(|err| MemoryError::Slot {
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                err,
+            })?;
         }
         Ok(())
     }
@@ -82,7 +137,7 @@ impl GuestRam {
         self.check(gpa, bytes.len())?;
         self.mem
             .write_slice(bytes, GuestAddress(gpa))
-            .map_err(|e| VmmError::Memory(format!("write {:#x}+{}: {e}", gpa, bytes.len())))
+            .map_err(|e| access("write", gpa, bytes.len(), &e))
     }
 
     /// Reads `buf.len()` bytes at `gpa`.
@@ -90,7 +145,7 @@ impl GuestRam {
         self.check(gpa, buf.len())?;
         self.mem
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| VmmError::Memory(format!("read {:#x}+{}: {e}", gpa, buf.len())))
+            .map_err(|e| access("read", gpa, buf.len(), &e))
     }
 
     /// Writes a little-endian u32.
@@ -116,20 +171,21 @@ impl GuestRam {
     }
 
     /// Reads a plain-old-data structure.
-    pub fn read_obj<T: FromBytes>(&self, gpa: u64) -> Result<T> {
-        let mut buf = vec![0u8; size_of::<T>()];
-        self.read(gpa, &mut buf)?;
-        T::read_from_bytes(&buf).map_err(|_| VmmError::Memory("size mismatch".into()))
+    pub fn read_obj<T: FromBytes + IntoBytes>(&self, gpa: u64) -> Result<T> {
+        let mut value = T::new_zeroed();
+        self.read(gpa, value.as_mut_bytes())?;
+        Ok(value)
     }
 
     fn check(&self, gpa: u64, len: usize) -> Result<()> {
         if self.contains(gpa, len as u64) {
             Ok(())
         } else {
-            Err(VmmError::Memory(format!(
-                "access {gpa:#x}+{len} outside guest RAM [0, {:#x})",
-                self.size
-            )))
+            Err(MemoryError::OutOfRange {
+                gpa,
+                len,
+                size: self.size,
+            })
         }
     }
 }

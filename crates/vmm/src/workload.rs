@@ -72,7 +72,7 @@ pub fn parse_kinds(spec: &str) -> Result<Vec<TaskKind>> {
 /// Builds the task table.
 pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
     if let Some(case) = spec.trim().strip_prefix("hostile:") {
-        return crate::hostile::tasks(case, p);
+        return crate::hostile::tasks(case, p.vcpus, p.ram_end, p.scan_bytes, p.scan_passes);
     }
     let kinds = parse_kinds(spec)?;
     let scans = kinds.iter().filter(|k| **k == TaskKind::Scan).count() as u64;

@@ -1,15 +1,13 @@
 //! The real guest on `/dev/kvm`, through the library API. Each test prints exactly
 //! `SKIPPED: no /dev/kvm` and passes where KVM is absent.
 
-#[macro_use]
-mod common;
-
 use std::time::Duration;
 
 use guest_abi::{KERNEL_MIN_GPA, TaskKind};
 use vmm::loader::{LoadError, build_tiny_elf};
+use vmm::report::TaskState;
 use vmm::workload::{self, WorkloadParams};
-use vmm::{ApfMode, HaltMode, RunReport, VmConfig, VmmError, guest_image};
+use vmm::{ApfMode, HaltMode, RunOptions, RunReport, VmConfig, VmmError, guest_image};
 
 const MEM: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,15 +32,21 @@ fn config(apf: ApfMode, vcpus: u32, spec: &str) -> VmConfig {
         tasks,
         quantum_us: 10_000,
         halt: HaltMode::InKernel,
-        echo_console: false,
     }
 }
 
+fn run(cfg: &VmConfig) -> vmm::Result<RunReport> {
+    vmm::boot_and_run(
+        cfg,
+        &RunOptions {
+            timeout: Some(TIMEOUT),
+            ..RunOptions::default()
+        },
+    )
+}
+
 fn run_ok(cfg: &VmConfig) -> RunReport {
-    match vmm::run(cfg, Some(TIMEOUT)) {
-        Ok(r) => r,
-        Err(e) => panic!("run failed: {e}"),
-    }
+    run(cfg).unwrap_or_else(|e| panic!("run failed: {e}"))
 }
 
 fn assert_all_tasks_passed(r: &RunReport) {
@@ -51,8 +55,8 @@ fn assert_all_tasks_passed(r: &RunReport) {
     assert!(!r.tasks.is_empty());
     for t in &r.tasks {
         assert_eq!(
-            (t.state.as_str(), t.exit_code),
-            ("done", 0),
+            (t.state, t.exit_code),
+            (TaskState::Done, 0),
             "task {t:?}\nconsole:\n{}",
             r.console
         );
@@ -61,11 +65,17 @@ fn assert_all_tasks_passed(r: &RunReport) {
 
 #[test]
 fn boots_and_exits_0_in_every_apf_mode() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     for apf in [ApfMode::Off, ApfMode::V1, ApfMode::V2] {
         let r = run_ok(&config(apf, 1, "compute:2,scan:1"));
         assert_all_tasks_passed(&r);
-        let scan = r.tasks.iter().find(|t| t.kind == "scan").unwrap();
+        let scan = r
+            .tasks
+            .iter()
+            .find(|t| t.kind == Some(TaskKind::Scan))
+            .unwrap();
         assert_eq!(scan.work, 1024, "a 4 MiB scan walks 1024 pages");
         assert_eq!(
             scan.checksum_ok,
@@ -77,16 +87,22 @@ fn boots_and_exits_0_in_every_apf_mode() {
 
 #[test]
 fn apf_off_guest_sees_no_feature_and_never_writes_the_msrs() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let r = run_ok(&config(ApfMode::Off, 2, "compute:2,scan:1"));
     assert_all_tasks_passed(&r);
-    assert_eq!(r.engine.msr_exits, 0, "the guest touched an APF MSR");
+    assert_eq!(r.apf.driver.msr_exits, 0, "the guest touched an APF MSR");
     assert_eq!(
-        (r.engine.en_writes, r.engine.int_writes, r.engine.acks),
+        (
+            r.apf.engine.en_writes,
+            r.apf.engine.int_writes,
+            r.apf.engine.acks
+        ),
         (0, 0, 0)
     );
-    assert!(r.engine.enables.is_empty());
-    assert!(r.engine.active.iter().all(Option::is_none));
+    assert!(r.apf.enables.is_empty());
+    assert!(r.apf.active.iter().all(Option::is_none));
     assert!(r.cpus.iter().all(|c| c.apf_version == 0), "{:?}", r.cpus);
 }
 
@@ -95,24 +111,22 @@ fn check_enabled(apf: ApfMode, version: u8) {
     let r = run_ok(&config(apf, vcpus, "compute:2,scan:1"));
     assert_all_tasks_passed(&r);
     assert_eq!(
-        r.engine.gp.values().sum::<u64>(),
+        r.apf.engine.gp.total(),
         0,
         "no #GP expected: {:?}",
-        r.engine.gp
+        r.apf.engine.gp
     );
     let mut areas = Vec::new();
     for cpu in 0..vcpus as usize {
         let rec = r
-            .engine
+            .apf
             .enables
             .iter()
-            .find(|e| e.vcpu == cpu && e.version == version)
-            .unwrap_or_else(|| {
-                panic!("no v{version} enable on vCPU {cpu}: {:?}", r.engine.enables)
-            });
+            .find(|e| e.vcpu == cpu && e.version == Some(version))
+            .unwrap_or_else(|| panic!("no v{version} enable on vCPU {cpu}: {:?}", r.apf.enables));
         assert_eq!(rec.area_gpa % 64, 0, "area not 64-aligned");
         assert!(rec.area_gpa + 64 <= MEM, "area outside RAM");
-        let active = r.engine.active[cpu].expect("APF still active at exit");
+        let active = r.apf.active[cpu].expect("APF still active at exit");
         assert_eq!((active.version, active.area_gpa), (version, rec.area_gpa));
         assert_eq!(
             r.cpus[cpu].apf_version,
@@ -124,8 +138,8 @@ fn check_enabled(apf: ApfMode, version: u8) {
     areas.dedup();
     assert_eq!(areas.len(), vcpus as usize, "each vCPU has its own area");
     // The enable queued a wake-all per vCPU, and it was delivered.
-    assert_eq!(r.engine.wake_all_queued, u64::from(vcpus));
-    assert_eq!(r.engine.wake_all_delivered, u64::from(vcpus));
+    assert_eq!(r.apf.engine.wake_all_queued, u64::from(vcpus));
+    assert_eq!(r.apf.engine.wake_all_delivered, u64::from(vcpus));
     assert_eq!(
         r.cpus.iter().map(|c| c.wake_all).sum::<u64>(),
         u64::from(vcpus)
@@ -134,34 +148,40 @@ fn check_enabled(apf: ApfMode, version: u8) {
 
 #[test]
 fn v1_enable_is_recorded_with_its_area_and_version() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     check_enabled(ApfMode::V1, 1);
 }
 
 #[test]
 fn v2_enable_is_recorded_with_its_area_and_version() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     check_enabled(ApfMode::V2, 2);
 }
 
 #[test]
 fn msr_selftest_passes_in_seed_and_modern_mode() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     for apf in [ApfMode::V1, ApfMode::V2, ApfMode::Off] {
         let r = run_ok(&config(apf, 1, "msr-selftest"));
         assert_all_tasks_passed(&r);
-        assert_eq!(r.tasks[0].kind, "msr-selftest");
+        assert_eq!(r.tasks[0].kind, Some(TaskKind::MsrSelftest));
         assert!(
-            r.engine.msr_exits > 0,
+            r.apf.driver.msr_exits > 0,
             "{apf:?}: the self-test wrote no MSR"
         );
         assert!(
-            r.engine.gp.values().sum::<u64>() > 0,
+            r.apf.engine.gp.total() > 0,
             "{apf:?}: no invalid value answered with #GP"
         );
         if apf != ApfMode::Off {
             assert!(
-                r.engine.en_writes > 0,
+                r.apf.engine.en_writes > 0,
                 "{apf:?}: no valid _EN write accepted"
             );
         }
@@ -170,22 +190,24 @@ fn msr_selftest_passes_in_seed_and_modern_mode() {
 
 #[test]
 fn broken_images_are_refused_with_clear_errors() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let mut cfg = config(ApfMode::V2, 1, "compute:1");
     cfg.guest_image = b"this is not an ELF file".to_vec();
-    let err = vmm::run(&cfg, Some(TIMEOUT)).unwrap_err();
+    let err = run(&cfg).unwrap_err();
     assert!(matches!(err, VmmError::Image(LoadError::NotElf)), "{err}");
     assert!(err.to_string().contains("not an ELF"), "{err}");
 
     let bundled = guest_image::BUNDLED;
     for cut in [16, 64, bundled.len() / 2] {
         cfg.guest_image = bundled[..cut].to_vec();
-        let err = vmm::run(&cfg, Some(TIMEOUT)).unwrap_err();
+        let err = run(&cfg).unwrap_err();
         assert!(matches!(err, VmmError::Image(_)), "cut at {cut}: {err}");
     }
 
     cfg.guest_image = build_tiny_elf(0x1000, &[0xf4]);
-    let err = vmm::run(&cfg, Some(TIMEOUT)).unwrap_err();
+    let err = run(&cfg).unwrap_err();
     assert!(
         err.to_string().contains("outside the kernel region"),
         "{err}"
@@ -194,11 +216,13 @@ fn broken_images_are_refused_with_clear_errors() {
 
 #[test]
 fn a_fatal_guest_fault_reports_rip_and_reason() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let mut cfg = config(ApfMode::V2, 1, "compute:1");
     // nop; ud2 — with no IDT the #UD becomes a triple fault.
     cfg.guest_image = build_tiny_elf(KERNEL_MIN_GPA, &[0x90, 0x0f, 0x0b]);
-    let err = vmm::run(&cfg, Some(TIMEOUT)).unwrap_err();
+    let err = run(&cfg).unwrap_err();
     let VmmError::GuestFault(fault) = &err else {
         panic!("not a guest fault: {err}")
     };
@@ -213,7 +237,9 @@ fn a_fatal_guest_fault_reports_rip_and_reason() {
 
 #[test]
 fn bad_configurations_are_refused() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let mut cfg = config(ApfMode::V2, 1, "compute:1");
     for (mem, what) in [
         (17 << 20, "multiple of 2 MiB"),
@@ -221,34 +247,42 @@ fn bad_configurations_are_refused() {
         (1 << 40, "too large"),
     ] {
         cfg.mem_size = mem;
-        let err = vmm::run(&cfg, Some(TIMEOUT)).unwrap_err();
+        let err = run(&cfg).unwrap_err();
         assert!(err.to_string().contains(what), "{mem}: {err}");
     }
     let mut cfg = config(ApfMode::V2, 1, "compute:1");
     cfg.vcpus = 0;
-    assert!(vmm::run(&cfg, Some(TIMEOUT)).is_err());
+    assert!(run(&cfg).is_err());
     cfg.vcpus = 9;
-    assert!(vmm::run(&cfg, Some(TIMEOUT)).is_err());
+    assert!(run(&cfg).is_err());
 }
 
 #[test]
 fn tasks_run_round_robin_on_several_vcpus() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let r = run_ok(&config(ApfMode::V2, 3, "compute:3,scan:2"));
     assert_all_tasks_passed(&r);
     assert_eq!(
         r.tasks.iter().map(|t| t.cpu).collect::<Vec<_>>(),
         [0, 1, 2, 0, 1]
     );
-    assert_eq!(r.tasks.iter().filter(|t| t.kind == "scan").count(), 2);
-    let kinds: Vec<_> = r.tasks.iter().map(|t| t.kind.clone()).collect();
-    assert_eq!(kinds[0], "compute");
-    let _ = TaskKind::Scan;
+    assert_eq!(
+        r.tasks
+            .iter()
+            .filter(|t| t.kind == Some(TaskKind::Scan))
+            .count(),
+        2
+    );
+    assert_eq!(r.tasks[0].kind, Some(TaskKind::Compute));
 }
 
 #[test]
 fn halt_without_exits_also_boots() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let mut cfg = config(ApfMode::V2, 2, "compute:2,scan:1");
     cfg.halt = HaltMode::NoExit;
     assert_all_tasks_passed(&run_ok(&cfg));

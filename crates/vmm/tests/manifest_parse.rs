@@ -3,75 +3,13 @@
 //! (`fuzz/`, docs/reliability.md "Fuzzing") found. Each input here was accepted and then made
 //! `apfvm restore` crash; each must now be refused with a clear error. No KVM needed.
 
-use apf_host::{SavedState, SavedVcpu};
-use kvm_bindings::{kvm_irqchip, kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events};
-use vmm::config::{ApfMode, HaltMode};
-use vmm::snapshot::format::{
-    CHUNK_SIZE, FORMAT_VERSION, MAGIC, MEMORY, MemoryInfo, SavedConfig, SavedTask, SavedVcpuState,
-    SavedVmState,
-};
 use vmm::snapshot::{Manifest, SnapshotError};
 
 const MEM: u64 = 64 << 20;
 
-fn vcpu(index: u32) -> SavedVcpuState {
-    SavedVcpuState {
-        index,
-        regs: kvm_regs::default(),
-        sregs: kvm_sregs::default(),
-        xsave: None,
-        xcrs: None,
-        events: kvm_vcpu_events::default(),
-        lapic: kvm_lapic_state::default(),
-        mp_state: 0,
-        msrs: Vec::new(),
-    }
-}
-
 /// A manifest like the one `apfvm snapshot --vcpus 2 --mem 64M` writes, as JSON.
 fn valid() -> serde_json::Value {
-    let m = Manifest {
-        magic: MAGIC.into(),
-        format: FORMAT_VERSION,
-        trigger: "test".into(),
-        config: SavedConfig {
-            vcpus: 2,
-            mem_size: MEM,
-            apf: ApfMode::V2,
-            halt: HaltMode::InKernel,
-            quantum_us: 10_000,
-            tasks: vec![SavedTask {
-                kind: 1,
-                cpu: 1,
-                flags: 0,
-                arg0: 0,
-                arg1: 0,
-                arg2: 0,
-            }],
-            tsc_khz: 2_000_000,
-        },
-        vcpus: vec![vcpu(0), vcpu(1)],
-        vm: SavedVmState {
-            irqchips: vec![kvm_irqchip::default(); 3],
-        },
-        engine: SavedState {
-            vcpus: vec![
-                SavedVcpu {
-                    async_pf_en: 0x20_8009,
-                    async_pf_int: 0xf3,
-                    async_pf_ack: 0,
-                };
-                2
-            ],
-        },
-        memory: MemoryInfo {
-            file: MEMORY.into(),
-            size: MEM,
-            chunk_size: CHUNK_SIZE,
-            crc32: vec![0; usize::try_from(MEM / CHUNK_SIZE).unwrap()],
-        },
-    };
-    serde_json::to_value(&m).unwrap()
+    serde_json::to_value(testkit::manifest::example(MEM)).unwrap()
 }
 
 fn parse(v: &serde_json::Value) -> Result<Manifest, SnapshotError> {
@@ -126,4 +64,54 @@ fn a_checksum_chunk_larger_than_the_memory_is_refused() {
     v["memory"]["chunk_size"] = MEM.into();
     v["memory"]["crc32"] = serde_json::json!([0]);
     parse(&v).expect("one chunk of the memory's size");
+}
+
+/// Issue 14: KVM's state structures travel as byte arrays and a short one used to be
+/// zero-padded and accepted (`lapic: []` restored eagerly with exit 0 and hung a lazy
+/// restore; registers cut short crashed the guest). Each is refused, naming the field.
+#[test]
+fn short_or_missing_state_arrays_are_refused_naming_the_field() {
+    for (field, keep) in [
+        ("lapic", 0),
+        ("lapic", 1023),
+        ("regs", 100),
+        ("sregs", 8),
+        ("events", 63),
+        ("xcrs", 4),
+    ] {
+        let mut v = valid();
+        v["vcpus"][1][field] = serde_json::json!(vec![0u8; keep]);
+        refused(&v, &format!("vCPU 1: {field} holds {keep} bytes"));
+    }
+    let mut v = valid();
+    v["vcpus"][0]["lapic"] = serde_json::json!(vec![0u8; 1025]);
+    assert!(parse(&v).is_err(), "a long array is refused too");
+    let mut v = valid();
+    v["vcpus"][0].as_object_mut().unwrap().remove("regs");
+    refused(&v, "vCPU 0: regs is missing");
+    let mut v = valid();
+    v["vm"]["irqchips"][2] = serde_json::json!(vec![0u8; 10]);
+    refused(&v, "irqchip 2 holds 10 bytes");
+    // xcrs may be absent (a host without XSAVE), never short.
+    let mut v = valid();
+    v["vcpus"][0]["xcrs"] = serde_json::Value::Null;
+    parse(&v).expect("no xcrs");
+}
+
+/// Issue 14: an MP state a restore cannot run is refused: an AP waiting for INIT/SIPI, or a
+/// vCPU halted with interrupts disabled (nothing could wake it).
+#[test]
+fn mp_states_that_could_never_run_are_refused() {
+    let mut v = valid();
+    v["vcpus"][1]["mp_state"] = 7.into();
+    refused(&v, "vCPU 1: MP state 7");
+    let mut m = testkit::manifest::example(MEM);
+    m.vcpus[0].mp_state = kvm_bindings::KVM_MP_STATE_HALTED;
+    m.vcpus[0].regs.rflags = 0x2;
+    refused(
+        &serde_json::to_value(&m).unwrap(),
+        "vCPU 0: halted with interrupts disabled",
+    );
+    m.vcpus[0].regs.rflags = 0x202;
+    parse(&serde_json::to_value(&m).unwrap()).expect("halted with IF = 1 wakes on an interrupt");
 }

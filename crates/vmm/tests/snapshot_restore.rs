@@ -7,65 +7,27 @@
 //! fill pass, so the restored scan re-reads the whole region while it arrives (at 20 ms per
 //! fetch, about 0.7 s). Task 0 (compute) shares vCPU 0 with the scan.
 
-#[macro_use]
-mod common;
-
-use common::TIMEOUT;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use apf_host::FallbackReason;
 use guest_abi::WORKLOAD_GPA;
-use vmm::restore::{ApfPath, RestoreOptions, restore};
-use vmm::workload::{self, WorkloadParams};
-use vmm::{
-    ApfMode, HaltMode, RunOptions, RunReport, SnapshotPlan, VmConfig, VmmError, guest_image,
+use testkit::fixture::{
+    Guest, MEM, TIMEOUT, assert_every_token_answered, assert_passed, copy_dir, restore_ok,
 };
-
-const MEM: u64 = 64 << 20;
+use vmm::workload::{self, WorkloadParams};
+use vmm::{ApfMode, ApfPath, RestoreOptions, RunOptions, RunReport, SnapshotPlan, VmmError};
 
 fn scratch(name: &str) -> PathBuf {
-    common::scratch("test", name)
-}
-
-fn config(apf: ApfMode, passes: u64) -> VmConfig {
-    let mut tasks = workload::build(
-        "compute:2,scan:1",
-        WorkloadParams {
-            vcpus: 2,
-            ram_end: MEM,
-            scan_bytes: Some(2 << 20),
-            scan_passes: passes,
-            compute_ms: 0,
-        },
-    )
-    .unwrap();
-    workload::request_snapshots(&mut tasks);
-    VmConfig {
-        vcpus: 2,
-        mem_size: MEM,
-        apf,
-        guest_image: guest_image::BUNDLED.to_vec(),
-        tasks,
-        quantum_us: 10_000,
-        halt: HaltMode::InKernel,
-        echo_console: false,
-    }
+    testkit::scratch("test", name)
 }
 
 fn take_snapshot(apf: ApfMode, passes: u64, out: &Path) -> RunReport {
-    let r = vmm::run_with(
-        &config(apf, passes),
-        &RunOptions {
-            timeout: Some(TIMEOUT),
-            snapshot: Some(SnapshotPlan {
-                out: out.to_path_buf(),
-                on_guest_request: true,
-                ..SnapshotPlan::default()
-            }),
-            window: None,
-        },
-    )
-    .unwrap_or_else(|e| panic!("snapshot failed: {e}"));
+    let r = Guest {
+        passes,
+        ..Guest::standard(apf)
+    }
+    .snapshot(out);
     let s = r.snapshot.as_ref().expect("a snapshot was taken");
     assert!(s.trigger.contains("tag 1"), "{}", s.trigger);
     assert!(out.join("manifest.json").exists() && out.join("memory.raw").exists());
@@ -73,49 +35,22 @@ fn take_snapshot(apf: ApfMode, passes: u64, out: &Path) -> RunReport {
 }
 
 fn options(dir: &Path, lazy: bool, apf: bool, latency: &str) -> RestoreOptions {
-    common::restore_options(dir, lazy, common::userspace_or_off(apf), latency)
+    let path = if apf {
+        ApfPath::Userspace
+    } else {
+        ApfPath::Off
+    };
+    testkit::fixture::restore_options(dir, lazy, path, latency)
 }
 
-fn restore_ok(opts: &RestoreOptions) -> RunReport {
-    restore(opts).unwrap_or_else(|e| panic!("restore of {} failed: {e}", opts.dir.display()))
-}
-
-fn assert_passed(r: &RunReport) {
-    assert_eq!(r.exit_status, 0, "console:\n{}", r.console);
-    assert!(r.guest_counters_valid);
-    for t in &r.tasks {
-        assert_eq!(
-            (t.state.as_str(), t.exit_code),
-            ("done", 0),
-            "task {t:?}\nconsole:\n{}",
-            r.console
-        );
-    }
-    let scan = r.tasks.iter().find(|t| t.kind == "scan").unwrap();
-    assert_eq!(
-        scan.checksum_ok,
-        Some(true),
-        "restored memory differs from the fill pattern"
-    );
-}
-
-/// "page-ready delivered == not-present injected + tokens covered by wake-all", with
-/// nothing left outstanding: every token the engine handed out was answered.
-fn assert_every_token_answered(r: &RunReport) {
-    let e = &r.engine;
-    assert_eq!(
-        e.page_ready_delivered + e.tokens_covered_by_wake_all,
-        e.injected,
-        "engine: {e:?}"
-    );
-    assert_eq!(e.outstanding_at_end, 0);
-    assert_eq!(e.tokens_dropped_other, 0);
+fn restore(opts: &RestoreOptions) -> vmm::Result<RunReport> {
+    vmm::restore(opts, &mut vmm::NoObserver)
 }
 
 /// Wake-all delivered on every vCPU that had APF enabled in the snapshot.
 fn assert_wake_all_after_restore(r: &RunReport) {
-    assert_eq!(r.engine.wake_all_queued, 2, "{:?}", r.engine);
-    assert_eq!(r.engine.wake_all_delivered, 2, "{:?}", r.engine);
+    assert_eq!(r.apf.engine.wake_all_queued, 2, "{:?}", r.apf.engine);
+    assert_eq!(r.apf.engine.wake_all_delivered, 2, "{:?}", r.apf.engine);
     // The guest saw the restore's wake-all on every vCPU. It may also take the boot-time
     // wake-all after the restore: when the snapshot caught that #PF injected but not yet
     // taken, it sits in the saved vCPU events and is delivered on the first entry.
@@ -132,13 +67,17 @@ fn lazy_restore_with_and_without_apf(apf: ApfMode) {
     let r = restore_ok(&options(&snap, true, true, "20ms"));
     assert_passed(&r);
     assert_wake_all_after_restore(&r);
-    assert!(r.engine.injected > 0, "no APF injected: {:?}", r.engine);
+    assert!(
+        r.apf.engine.injected > 0,
+        "no APF injected: {:?}",
+        r.apf.engine
+    );
     assert_every_token_answered(&r);
     let np: u64 = r.cpus.iter().map(|c| c.not_present).sum();
     let ready: u64 = r.cpus.iter().map(|c| c.page_ready).sum();
-    assert_eq!(np, r.engine.injected, "guest saw every not-present");
+    assert_eq!(np, r.apf.engine.injected, "guest saw every not-present");
     assert_eq!(
-        ready, r.engine.page_ready_delivered,
+        ready, r.apf.engine.page_ready_delivered,
         "guest saw every page ready"
     );
     assert!(
@@ -146,42 +85,47 @@ fn lazy_restore_with_and_without_apf(apf: ApfMode) {
         "no task ran while a token was outstanding: {:?}",
         r.tasks
     );
-    let lazy = r.restore.as_ref().unwrap().lazy.as_ref().unwrap();
+    let d = &r.apf.driver;
     assert!(
-        lazy.vcpu_faults > 0 && lazy.fault_to_apf_us.count > 0,
-        "{lazy:?}"
+        d.vcpu_faults > 0 && r.apf.latency.fault_to_apf.summary().count > 0,
+        "{d:?}"
     );
-    assert_eq!(lazy.pager_fetch_errors, 0);
+    assert_eq!(r.lazy.as_ref().unwrap().pager.fetch_errors, 0);
 
     let off = restore_ok(&options(&snap, true, false, "20ms"));
     assert_passed(&off);
     assert_wake_all_after_restore(&off);
-    assert_eq!(off.engine.injected, 0, "{:?}", off.engine);
+    assert_eq!(off.apf.engine.injected, 0, "{:?}", off.apf.engine);
     assert!(
         off.tasks.iter().all(|t| t.ran_while_token_outstanding == 0),
         "{:?}",
         off.tasks
     );
-    let lazy = off.restore.as_ref().unwrap().lazy.as_ref().unwrap();
-    assert!(lazy.apf_off_faults > 0, "{lazy:?}");
+    assert!(off.apf.driver.apf_off_faults > 0, "{:?}", off.apf.driver);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn lazy_restore_v1_injects_apfs_and_apf_off_never_does() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     lazy_restore_with_and_without_apf(ApfMode::V1);
 }
 
 #[test]
 fn lazy_restore_v2_injects_apfs_and_apf_off_never_does() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     lazy_restore_with_and_without_apf(ApfMode::V2);
 }
 
 #[test]
 fn eager_restore_and_a_snapshot_taken_twice() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let dir = scratch("twice");
     let first = dir.join("first");
     // Three passes: snapshots requested after pass 1 (taken here) and after pass 2.
@@ -190,7 +134,7 @@ fn eager_restore_and_a_snapshot_taken_twice() {
     let r = restore_ok(&options(&first, false, true, "0"));
     assert_passed(&r);
     assert_wake_all_after_restore(&r);
-    assert_eq!(r.engine.injected, 0, "eager memory is all present");
+    assert_eq!(r.apf.engine.injected, 0, "eager memory is all present");
 
     // Restore, run to the guest's next request (after pass 2), snapshot again.
     let second = dir.join("second");
@@ -208,7 +152,7 @@ fn eager_restore_and_a_snapshot_taken_twice() {
     let r = restore_ok(&options(&second, true, true, "20ms"));
     assert_passed(&r);
     assert_wake_all_after_restore(&r);
-    assert!(r.engine.injected > 0);
+    assert!(r.apf.engine.injected > 0);
     assert_every_token_answered(&r);
     let r = restore_ok(&options(&second, false, true, "0"));
     assert_passed(&r);
@@ -216,15 +160,14 @@ fn eager_restore_and_a_snapshot_taken_twice() {
 }
 
 fn copy_snapshot(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in ["manifest.json", "memory.raw"] {
-        std::fs::copy(from.join(f), to.join(f)).unwrap();
-    }
+    copy_dir(from, to);
 }
 
 #[test]
 fn corrupted_snapshots_are_refused_or_stop_the_vm_naming_the_page() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let dir = scratch("corrupt");
     let good = dir.join("good");
     take_snapshot(ApfMode::V2, 2, &good);
@@ -238,7 +181,7 @@ fn corrupted_snapshots_are_refused_or_stop_the_vm_naming_the_page() {
     std::fs::write(flipped.join("memory.raw"), &mem).unwrap();
     let e = restore(&options(&flipped, false, true, "0")).unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(e, VmmError::Snapshot(_)), "{msg}");
+    assert!(matches!(e, VmmError::MemorySource { .. }), "{msg}");
     assert!(
         msg.contains("checksum") && msg.contains("0x1000000"),
         "{msg}"
@@ -295,10 +238,12 @@ fn corrupted_snapshots_are_refused_or_stop_the_vm_naming_the_page() {
 
 #[test]
 fn snapshot_at_a_time_and_refusal_to_overwrite() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let dir = scratch("at");
     let snap = dir.join("snap");
-    let mut cfg = config(ApfMode::V1, 1);
+    let mut cfg = Guest::standard(ApfMode::V1).config();
     // Compute tasks alone, long enough for --at to land first.
     cfg.tasks = workload::build(
         "compute:2",
@@ -315,17 +260,17 @@ fn snapshot_at_a_time_and_refusal_to_overwrite() {
         out: snap.clone(),
         on_guest_request: false,
         at: Some(Duration::from_millis(100)),
-        on_sigusr1: false,
+        on_flag: None,
     };
     let opts = RunOptions {
         timeout: Some(TIMEOUT),
         snapshot: Some(plan),
-        window: None,
+        ..RunOptions::default()
     };
-    let r = vmm::run_with(&cfg, &opts).unwrap();
+    let r = vmm::boot_and_run(&cfg, &opts).unwrap();
     assert_eq!(r.snapshot.as_ref().unwrap().trigger, "--at");
     // Never overwrite an existing snapshot.
-    let e = vmm::run_with(&cfg, &opts).unwrap_err();
+    let e = vmm::boot_and_run(&cfg, &opts).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     let r = restore_ok(&options(&snap, false, true, "0"));
     assert_eq!(r.exit_status, 0, "{}", r.console);
@@ -347,14 +292,14 @@ fn sleeper_at_snapshot_is_woken_by_the_wake_all(apf: ApfMode) {
             out: second.clone(),
             on_guest_request: false,
             at: Some(Duration::from_millis(at_ms)),
-            on_sigusr1: false,
+            on_flag: None,
         });
         let r = restore_ok(&opts);
         assert!(r.snapshot.is_some());
         let r2 = restore_ok(&options(&second, false, true, "0"));
         assert_passed(&r2);
         assert_wake_all_after_restore(&r2);
-        if r.engine.outstanding_at_end > 0 {
+        if r.apf.outstanding_at_end > 0 {
             had_sleeper = true;
             break;
         }
@@ -365,13 +310,17 @@ fn sleeper_at_snapshot_is_woken_by_the_wake_all(apf: ApfMode) {
 
 #[test]
 fn v1_sleeper_at_snapshot_is_woken_after_restore() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     sleeper_at_snapshot_is_woken_by_the_wake_all(ApfMode::V1);
 }
 
 #[test]
 fn v2_sleeper_at_snapshot_is_woken_after_restore() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     sleeper_at_snapshot_is_woken_by_the_wake_all(ApfMode::V2);
 }
 
@@ -380,7 +329,9 @@ fn v2_sleeper_at_snapshot_is_woken_after_restore() {
 /// engine sees nothing, the faults come from KVM's kworkers (not the vCPU threads).
 #[test]
 fn kernel_apf_baseline_on_the_same_lazy_memory() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let dir = scratch("kernel");
     let snap = dir.join("snap");
     take_snapshot(ApfMode::V2, 2, &snap);
@@ -388,15 +339,14 @@ fn kernel_apf_baseline_on_the_same_lazy_memory() {
     opts.apf = ApfPath::Kernel;
     let r = restore_ok(&opts);
     assert_passed(&r);
-    assert_eq!(r.engine.injected, 0);
-    assert_eq!(r.engine.msr_exits, 0, "KVM owns the APF MSRs");
+    assert_eq!(r.apf.engine.injected, 0);
+    assert_eq!(r.apf.driver.msr_exits, 0, "KVM owns the APF MSRs");
     let np: u64 = r.cpus.iter().map(|c| c.not_present).sum();
     let ready: u64 = r.cpus.iter().map(|c| c.page_ready).sum();
     assert!(np > 0, "KVM injected no APF: {:?}", r.cpus);
     assert_eq!(np, ready);
     assert!(r.cpus.iter().all(|c| c.wake_all == 1), "{:?}", r.cpus);
-    let lazy = r.restore.as_ref().unwrap().lazy.as_ref().unwrap();
-    assert!(lazy.other_thread_faults > 0, "{lazy:?}");
+    assert!(r.apf.driver.other_thread_faults > 0, "{:?}", r.apf.driver);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -406,20 +356,19 @@ fn kernel_apf_baseline_on_the_same_lazy_memory() {
 /// a new message: no kick storm).
 #[test]
 fn lazy_restore_of_a_guest_without_apf_falls_back_once_per_fault() {
-    require_kvm!();
+    if !testkit::require_kvm() {
+        return;
+    }
     let dir = scratch("noapf");
     let snap = dir.join("snap");
     take_snapshot(ApfMode::Off, 2, &snap);
     let r = restore_ok(&options(&snap, true, true, "5ms"));
     assert_passed(&r);
-    assert_eq!(r.engine.injected, 0);
-    assert_eq!(r.engine.wake_all_queued, 0);
-    let lazy = r.restore.as_ref().unwrap().lazy.as_ref().unwrap();
-    let not_enabled = r.engine.fallback.get("NotEnabled").copied().unwrap_or(0);
-    assert!(not_enabled > 0, "{:?}", r.engine.fallback);
-    assert!(
-        lazy.fault_kicks <= lazy.pages_ready + 2,
-        "kick storm: {lazy:?}"
-    );
+    assert_eq!(r.apf.engine.injected, 0);
+    assert_eq!(r.apf.engine.wake_all_queued, 0);
+    let not_enabled = r.apf.engine.fallback.get(FallbackReason::NotEnabled);
+    assert!(not_enabled > 0, "{:?}", r.apf.engine.fallback);
+    let d = &r.apf.driver;
+    assert!(d.fault_kicks <= d.pages_mapped + 2, "kick storm: {d:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

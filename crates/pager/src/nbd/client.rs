@@ -70,9 +70,13 @@ pub enum NbdError {
         #[source]
         source: io::Error,
     },
-    /// The connection failed (reset, closed, timed out) during the handshake or a request.
+    /// The connection failed (reset, closed) during the handshake or a request.
     #[error("connection to the NBD server failed: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    /// The server did not answer within the I/O timeout: it accepted the connection and
+    /// then went silent (frozen, overloaded, or a network that drops packets).
+    #[error("the NBD server did not answer within the I/O timeout")]
+    Silent,
     /// The server broke the protocol (bad magic, unknown handle, structured reply...).
     #[error("NBD protocol error: {0}")]
     Protocol(String),
@@ -132,7 +136,20 @@ impl NbdError {
     /// connection may succeed; false when the server answered something a retry on a new
     /// connection would get again (unknown export, protocol error, refused read).
     pub fn is_transport(&self) -> bool {
-        matches!(self, NbdError::Connect { .. } | NbdError::Io(_))
+        matches!(
+            self,
+            NbdError::Connect { .. } | NbdError::Io(_) | NbdError::Silent
+        )
+    }
+}
+
+impl From<io::Error> for NbdError {
+    fn from(e: io::Error) -> NbdError {
+        // A socket read timeout reports EAGAIN (WouldBlock) or ETIMEDOUT.
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NbdError::Silent,
+            _ => NbdError::Io(e),
+        }
     }
 }
 
@@ -325,7 +342,7 @@ impl NbdClient {
                             message: "the server closed the connection".into(),
                         }
                     } else {
-                        NbdError::Io(e)
+                        NbdError::from(e)
                     }
                 })?;
                 let flags = read_u16(&mut s)?;

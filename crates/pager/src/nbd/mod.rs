@@ -248,13 +248,20 @@ impl NbdSource {
                 });
             }
             if down >= self.cfg.deadline {
-                return Err(SourceError::Other {
-                    page,
-                    message: format!(
+                let message = if matches!(e, NbdError::Silent) {
+                    format!(
+                        "timed out after {} waiting for {} (export {}): the NBD server accepted the connection and stopped answering",
+                        humantime::format_duration(self.cfg.deadline),
+                        self.url.addr,
+                        self.url.export
+                    )
+                } else {
+                    format!(
                         "NBD server {} unreachable for {:.1?} (deadline {:?}): {e}",
                         self.url, down, self.cfg.deadline
-                    ),
-                });
+                    )
+                };
+                return Err(SourceError::Other { page, message });
             }
             tracing::warn!(url = %self.url, error = %e, ?backoff, "NBD connection failed, reconnecting");
             std::thread::sleep(backoff.min(self.cfg.deadline.saturating_sub(down)));
@@ -285,9 +292,3 @@ impl PageSource for NbdSource {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 }
-
-#[cfg(test)]
-pub(crate) mod fake;
-
-#[cfg(test)]
-mod tests;

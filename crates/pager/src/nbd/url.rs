@@ -132,6 +132,16 @@ impl FromStr for NbdUrl {
     }
 }
 
+impl fmt::Display for NbdAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdAddr::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            NbdAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
+            NbdAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 impl fmt::Display for NbdUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.addr {

@@ -3,7 +3,7 @@
 //! # `hlt` and the in-kernel irqchip (a documented choice)
 //! The VM uses KVM's in-kernel irqchip (LAPIC): page-ready interrupts are `KVM_SIGNAL_MSI`
 //! and the guest's LAPIC timer is KVM's. A guest `hlt` then sleeps in the kernel
-//! ([`HaltMode::InKernel`], the default for now). host-facts.md ("the trap") shows that with an
+//! ([`HaltMode::InKernel`], the default for a boot). host-facts.md ("the trap") shows that with an
 //! in-kernel LAPIC and IF = 1, KVM resolves missing userfaultfd pages in a kworker, hiding
 //! which vCPU faulted; every restore therefore uses [`HaltMode::NoExit`]
 //! (`KVM_CAP_X86_DISABLE_EXITS(HLT)`, enabled here before any vCPU exists), except
@@ -15,9 +15,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use std::sync::Arc;
+
 use crate::config::HaltMode;
 use crate::error::{Result, VmmError};
 use crate::kvm::msr_filter;
+use crate::memory::GuestRam;
 
 /// The KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -50,56 +53,78 @@ fn enable_cap(vm: &VmFd, what: &'static str, cap: u32, arg0: u64) -> Result<()> 
     vm.enable_cap(&c).map_err(VmmError::kvm(what))
 }
 
-/// Creates a VM ready for vCPUs: capabilities enabled, MSR filter installed, irqchip created.
-pub fn create(kvm: &Kvm, halt: HaltMode) -> Result<VmFd> {
-    create_with(kvm, halt, true)
+/// A VM and the guest RAM its memory slots point into: the VM holds the RAM alive, so the
+/// mapping can never go away under a slot.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+    ram: Arc<GuestRam>,
 }
 
-/// [`create`], optionally without the MSR filter: with `filter_apf_msrs = false` KVM itself
-/// handles the APF MSRs and runs its own in-kernel APF (`apfvm restore --apf kernel`, the
-/// baseline that QEMU postcopy and Firecracker's UFFD restore get from stock KVM).
-pub fn create_with(kvm: &Kvm, halt: HaltMode, filter_apf_msrs: bool) -> Result<VmFd> {
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
-        (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
-        (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        (Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmmError::MissingCap(name));
+impl Vm {
+    /// Creates a VM ready for vCPUs: capabilities enabled, the MSR filter installed unless
+    /// KVM is to own the APF MSRs (`filter_apf_msrs = false`: `apfvm restore --apf kernel`,
+    /// the baseline that QEMU postcopy and Firecracker's UFFD restore get from stock KVM),
+    /// `hlt` handled per `halt`, the in-kernel irqchip created, `ram` registered.
+    pub fn create(
+        kvm: &Kvm,
+        halt: HaltMode,
+        filter_apf_msrs: bool,
+        ram: Arc<GuestRam>,
+    ) -> Result<Vm> {
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
+            (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+            (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::GetTscKhz, "KVM_CAP_GET_TSC_KHZ"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::MissingCap(name));
+            }
         }
-    }
-    let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
-    enable_cap(
-        &vm,
-        "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)",
-        KVM_CAP_X86_USER_SPACE_MSR,
-        u64::from(KVM_MSR_EXIT_REASON_FILTER),
-    )?;
-    if filter_apf_msrs {
-        msr_filter::install(&vm)?;
-    }
-    // #PF injection with CR2 carried as the exception payload.
-    enable_cap(
-        &vm,
-        "KVM_ENABLE_CAP(EXCEPTION_PAYLOAD)",
-        KVM_CAP_EXCEPTION_PAYLOAD,
-        1,
-    )?;
-    if halt == HaltMode::NoExit {
+        let vm = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         enable_cap(
             &vm,
-            "KVM_ENABLE_CAP(X86_DISABLE_EXITS, HLT)",
-            KVM_CAP_X86_DISABLE_EXITS,
-            u64::from(KVM_X86_DISABLE_EXITS_HLT),
+            "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)",
+            KVM_CAP_X86_USER_SPACE_MSR,
+            u64::from(KVM_MSR_EXIT_REASON_FILTER),
         )?;
+        if filter_apf_msrs {
+            msr_filter::install(&vm)?;
+        }
+        // #PF injection with CR2 carried as the exception payload.
+        enable_cap(
+            &vm,
+            "KVM_ENABLE_CAP(EXCEPTION_PAYLOAD)",
+            KVM_CAP_EXCEPTION_PAYLOAD,
+            1,
+        )?;
+        if halt == HaltMode::NoExit {
+            enable_cap(
+                &vm,
+                "KVM_ENABLE_CAP(X86_DISABLE_EXITS, HLT)",
+                KVM_CAP_X86_DISABLE_EXITS,
+                u64::from(KVM_X86_DISABLE_EXITS_HLT),
+            )?;
+        }
+        // Before any vCPU: the vCPUs get in-kernel LAPICs.
+        vm.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        ram.register(&vm)?;
+        Ok(Vm { fd: vm, ram })
     }
-    // Before any vCPU: the vCPUs get in-kernel LAPICs.
-    vm.create_irq_chip()
-        .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
-    Ok(vm)
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The guest RAM it runs on.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
 }
 
 /// Raises interrupt `vector` on the LAPIC with id `apic_id` (fixed delivery, physical

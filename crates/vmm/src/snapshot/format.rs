@@ -6,19 +6,16 @@
 //! DIR/memory.raw      guest RAM [0, mem_size), raw, byte for byte
 //! ```
 //!
-//! Written atomically ([`write_atomically`]): everything goes into a fresh `DIR.tmp-PID-N`
-//! next to `DIR`, each file is fsynced, then the temporary directory is fsynced, renamed to
-//! `DIR` and the parent fsynced. A crash leaves either no `DIR` or a complete one; a leftover
-//! `*.tmp-*` is never read. [`Snapshot::open`] refuses anything it cannot vouch for: missing
+//! Written atomically ([`super::write::write_atomically`]); a leftover `*.tmp-*` is never
+//! read. [`Snapshot::open`] refuses anything it cannot vouch for: missing
 //! or unparsable manifest, another magic or format version, a memory file of the wrong size,
 //! a chunk table that does not cover the memory. Chunk contents are checked when read
 //! (eager restore: all before the guest starts; lazy restore: each chunk before its first page
 //! is served).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use apf_host::SavedState;
 use guest_abi::TaskSpec;
@@ -78,6 +75,12 @@ pub enum SnapshotError {
         /// Bytes expected.
         expected: u64,
     },
+    /// Writing was interrupted (SIGINT, SIGTERM): the temporary directory is removed.
+    #[error("{path}: interrupted while writing; nothing was left behind")]
+    Interrupted {
+        /// The snapshot directory that was not written.
+        path: PathBuf,
+    },
     /// A memory chunk does not match its checksum.
     #[error(
         "{path}: memory chunk {chunk} (guest-physical {start:#x}..{end:#x}, pages {first_page:#x}..) fails its checksum: crc32 {found:#010x}, manifest {expected:#010x}"
@@ -100,7 +103,7 @@ pub enum SnapshotError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |err| SnapshotError::Io {
         path: path.to_path_buf(),
         err,
@@ -273,12 +276,13 @@ impl Manifest {
                 found,
             });
         }
+        check_state_sizes(&value).map_err(bad)?;
         let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         manifest.check().map_err(bad)?;
         Ok(manifest)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         let m = &self.memory;
         if self.config.vcpus == 0 || self.vcpus.len() != self.config.vcpus as usize {
             return Err(format!(
@@ -337,7 +341,79 @@ impl Manifest {
         if self.vm.irqchips.len() != 3 {
             return Err("irqchip state must hold PIC master, PIC slave and IOAPIC".into());
         }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            runnable(v).map_err(|why| format!("vCPU {i}: {why}"))?;
+        }
         Ok(())
+    }
+}
+
+/// KVM's state structures travel as byte arrays (kvm-bindings' serde), and a short array is
+/// zero-padded when read: a `lapic` of no bytes would load a LAPIC of zeros (a guest that
+/// then waits forever), registers cut short would run the guest into a crash. Every array
+/// must hold exactly its structure's bytes.
+fn check_state_sizes(value: &serde_json::Value) -> Result<(), String> {
+    fn len_of(v: &serde_json::Value) -> Option<usize> {
+        v.as_array().map(Vec::len)
+    }
+    let fields: [(&str, usize, bool); 5] = [
+        ("regs", size_of::<kvm_regs>(), true),
+        ("sregs", size_of::<kvm_sregs>(), true),
+        ("events", size_of::<kvm_vcpu_events>(), true),
+        ("lapic", size_of::<kvm_lapic_state>(), true),
+        ("xcrs", size_of::<kvm_xcrs>(), false),
+    ];
+    for (i, v) in value
+        .get("vcpus")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        for (name, size, required) in fields {
+            match v.get(name) {
+                None | Some(serde_json::Value::Null) if !required => {}
+                Some(field) if len_of(field) == Some(size) => {}
+                Some(field) if len_of(field).is_some() => {
+                    return Err(format!(
+                        "vCPU {i}: {name} holds {} bytes, KVM's structure has {size}",
+                        len_of(field).unwrap_or(0)
+                    ));
+                }
+                _ => return Err(format!("vCPU {i}: {name} is missing or not a byte array")),
+            }
+        }
+    }
+    let chips = value
+        .pointer("/vm/irqchips")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten();
+    for (i, chip) in chips.enumerate() {
+        let size = size_of::<kvm_irqchip>();
+        if len_of(chip) != Some(size) {
+            return Err(format!(
+                "irqchip {i} holds {} bytes, KVM's structure has {size}",
+                len_of(chip).unwrap_or(0)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A vCPU state a restore can run: runnable, or halted with interrupts enabled (an interrupt
+/// can wake it). Any other MP state (an AP waiting for INIT/SIPI, a vCPU halted with IF = 0)
+/// would never run again.
+fn runnable(v: &SavedVcpuState) -> Result<(), String> {
+    use kvm_bindings::{KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE};
+    let interrupts_enabled = v.regs.rflags & (1 << 9) != 0;
+    match v.mp_state {
+        KVM_MP_STATE_RUNNABLE => Ok(()),
+        KVM_MP_STATE_HALTED if interrupts_enabled => Ok(()),
+        KVM_MP_STATE_HALTED => Err("halted with interrupts disabled: nothing could wake it".into()),
+        other => Err(format!(
+            "MP state {other} (a restore runs only RUNNABLE (0) or HALTED (3) vCPUs)"
+        )),
     }
 }
 
@@ -498,82 +574,6 @@ impl ChunkHasher {
         }
         self.crcs
     }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-/// Writes a snapshot to `dir` atomically. `write_memory` receives the open memory file and
-/// returns the chunk checksums of what it wrote (a [`ChunkHasher`]'s). `dir` must not exist.
-pub fn write_atomically(
-    dir: &Path,
-    mut manifest: Manifest,
-    write_memory: impl FnOnce(&mut File) -> Result<Vec<u32>, SnapshotError>,
-) -> Result<(), SnapshotError> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    if dir.exists() {
-        return Err(SnapshotError::Io {
-            path: dir.to_path_buf(),
-            err: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "already exists; apfvm never overwrites a snapshot",
-            ),
-        });
-    }
-    let name = dir
-        .file_name()
-        .ok_or_else(|| SnapshotError::Io {
-            path: dir.to_path_buf(),
-            err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = parent.join(format!(
-        "{name}.tmp-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let result = (|| {
-        let mem_path = tmp.join(MEMORY);
-        let mut mem = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&mem_path)
-            .map_err(io(&mem_path))?;
-        manifest.memory.crc32 = write_memory(&mut mem)?;
-        mem.sync_all().map_err(io(&mem_path))?;
-        drop(mem);
-        manifest.memory.file = MEMORY.into();
-        manifest.check().map_err(|why| SnapshotError::BadManifest {
-            path: tmp.join(MANIFEST),
-            why,
-        })?;
-        let man_path = tmp.join(MANIFEST);
-        let json = serde_json::to_vec(&manifest).map_err(|e| SnapshotError::BadManifest {
-            path: man_path.clone(),
-            why: e.to_string(),
-        })?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&man_path)
-            .map_err(io(&man_path))?;
-        f.write_all(&json).map_err(io(&man_path))?;
-        f.sync_all().map_err(io(&man_path))?;
-        fsync_dir(&tmp)?;
-        fs::rename(&tmp, dir).map_err(io(dir))?;
-        fsync_dir(&parent)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! Snapshots: the on-disk format ([`format`](mod@format)), taking one from a running VM ([`take`]) and
-//! restoring a VM from one (eager or lazy, [`crate::restore`]).
+//! The on-disk snapshot: its format ([`format`](mod@format)) and how it is written
+//! atomically ([`write`]). Taking one from a paused VM is [`crate::run`]'s; restoring a VM
+//! from one is [`crate::restore`]'s.
 
 pub mod format;
-pub mod take;
+pub mod write;
 
 pub use format::{Manifest, Snapshot, SnapshotError};

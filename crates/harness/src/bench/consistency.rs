@@ -1,0 +1,125 @@
+//! What every measurement must show whatever the speed: eager has no fault, `off` injects
+//! nothing, every APF mode injected some when there were faults, every scan was verified, no
+//! fetch was retried.
+
+use pager::Prefetch;
+
+use super::mode::Mode;
+use super::row::Row;
+
+/// The problems found in `rows` (none in a healthy run).
+pub fn consistency(rows: &[Row]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for r in rows {
+        let at = format!(
+            "{} at {} µs, {} vCPU, {} tasks/vCPU, memory {}",
+            r.mode,
+            r.fetch_latency_us,
+            r.vcpus,
+            r.tasks_per_vcpu,
+            r.memory().label()
+        );
+        let prefetching = r.prefetch != Prefetch::None;
+        match r.mode {
+            Mode::Eager if r.faults != 0 => bad.push(format!("{at}: {} faults", r.faults)),
+            Mode::Off | Mode::OffHalt if r.apf_injected != 0 => {
+                bad.push(format!("{at}: {} APFs injected", r.apf_injected));
+            }
+            // A prefetch may map a faulted page before its vCPU takes the fault (no APF
+            // then), or every page before any fault.
+            m if m.is_apf() && !prefetching && r.faults > 0 && r.apf_injected == 0 => {
+                bad.push(format!("{at}: {} faults but no APF injected", r.faults));
+            }
+            m if m != Mode::Eager && r.faults == 0 && !(prefetching && r.prefetched_pages > 0) => {
+                bad.push(format!("{at}: no fault"));
+            }
+            _ => {}
+        }
+        if r.scans_verified < u64::from(r.vcpus) {
+            bad.push(format!(
+                "{at}: {} of {} scans verified",
+                r.scans_verified, r.vcpus
+            ));
+        }
+        if r.fetch_retries > 0 {
+            bad.push(format!(
+                "{at}: {} fetches retried or failed (checksum mismatch or I/O error)",
+                r.fetch_retries
+            ));
+        }
+    }
+    bad
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::mode::{Memory, Source};
+    use super::super::point::{Point, Sample};
+    use super::super::setup::Setup;
+    use super::*;
+
+    fn point(mode: Mode) -> Point {
+        Point {
+            setup: Setup {
+                vcpus: 1,
+                tasks_per_vcpu: 2,
+                scan_per_vcpu: 1 << 20,
+                mem_size: 48 << 20,
+            },
+            mode,
+            fetch_latency: Duration::from_millis(1),
+        }
+    }
+
+    #[test]
+    fn flags_what_cannot_be() {
+        let s = |apfs: u64| Sample {
+            faults: 16,
+            apf_injected: apfs,
+            scans_verified: 1,
+            ..Sample::default()
+        };
+        assert!(consistency(&[Row::new(&point(Mode::Off), Memory::FILE, vec![s(0)])]).is_empty());
+        assert_eq!(
+            consistency(&[Row::new(&point(Mode::Off), Memory::FILE, vec![s(3)])]).len(),
+            1
+        );
+        assert_eq!(
+            consistency(&[Row::new(&point(Mode::ApfV1), Memory::FILE, vec![s(0)])]).len(),
+            1
+        );
+        assert_eq!(
+            consistency(&[Row::new(&point(Mode::Eager), Memory::FILE, vec![s(0)])]).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_prefetched_row_may_have_no_fault_but_must_verify_its_scans() {
+        let fill = Memory {
+            source: Source::Nbd,
+            prefetch: Prefetch::Fill,
+        };
+        let s = Sample {
+            scans_verified: 1,
+            prefetched_pages: 256,
+            ..Sample::default()
+        };
+        let p = point(Mode::ApfV2);
+        assert!(consistency(&[Row::new(&p, fill, vec![s.clone()])]).is_empty());
+        assert_eq!(
+            consistency(&[Row::new(&p, Memory::FILE, vec![s.clone()])]).len(),
+            1
+        );
+        let unverified = Sample {
+            scans_verified: 0,
+            ..s
+        };
+        assert_eq!(
+            consistency(&[Row::new(&p, fill, vec![unverified])]).len(),
+            1
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! Test support shared by the workspace's tests, and only by tests (every crate takes it as
+//! a dev-dependency):
+//! - [`require_kvm`] / [`require_qemu_nbd`]: skip a test where the machine lacks what it
+//!   needs — or fail it, where CI says the machine has it (`APFVM_REQUIRE_KVM=1`).
+//! - [`fixture`]: guests to snapshot, snapshots shared by a test file, restore options, the
+//!   checks every restored run must pass.
+//! - [`fake_nbd`]: the one fake NBD server (handshake variants, reordered replies, dropped
+//!   connections, I/O errors, a frozen server).
+//! - [`manifest`]: a valid snapshot manifest to edit (parser tests, the fuzz target).
+
+pub mod fake_nbd;
+pub mod fixture;
+pub mod manifest;
+
+use std::path::PathBuf;
+
+/// When set to `1`, a test that needs `/dev/kvm` (or `qemu-nbd`) fails where it is missing
+/// instead of skipping: `.ci/run` sets it on machines that have `/dev/kvm`, so a skipped KVM
+/// test can never pass CI unnoticed.
+pub const REQUIRE_KVM_ENV: &str = "APFVM_REQUIRE_KVM";
+
+fn required() -> bool {
+    std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1")
+}
+
+/// True when `/dev/kvm` is there. Otherwise prints exactly `SKIPPED: no /dev/kvm` and
+/// returns false — or panics when [`REQUIRE_KVM_ENV`] is `1`.
+///
+/// ```ignore
+/// if !testkit::require_kvm() { return; }
+/// ```
+pub fn require_kvm() -> bool {
+    if vmm::kvm_available() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "/dev/kvm is missing but {REQUIRE_KVM_ENV}=1: this KVM test must run here"
+    );
+    println!("SKIPPED: no /dev/kvm");
+    false
+}
+
+/// True when `qemu-nbd` runs. Otherwise prints exactly `SKIPPED: qemu-nbd not installed`
+/// and returns false — or panics when [`REQUIRE_KVM_ENV`] is `1` (CI installs it).
+pub fn require_qemu_nbd() -> bool {
+    if harness::qemu_nbd::available() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "qemu-nbd is missing but {REQUIRE_KVM_ENV}=1: CI installs it (.ci/run)"
+    );
+    println!("SKIPPED: qemu-nbd not installed");
+    false
+}
+
+/// A fresh, empty scratch directory for one test (`kind` names the test file), under the
+/// system's temporary directory.
+pub fn scratch(kind: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("apfvm-{kind}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a scratch directory");
+    d
+}

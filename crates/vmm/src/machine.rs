@@ -1,0 +1,178 @@
+//! A VM made and not running yet: booted from a guest image, or recreated from a snapshot
+//! (vCPU and device state loaded, guest memory left to a memory backend).
+
+use std::sync::Arc;
+
+use apf_host::SavedState;
+use guest_abi::{ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, MAX_CPUS, MAX_TASKS, TaskSpec};
+use kvm_ioctls::Kvm;
+
+use crate::config::{ApfPath, VmConfig};
+use crate::error::{Result, VmmError};
+use crate::kvm::vcpu::Vcpu;
+use crate::kvm::vm::{self, Vm};
+use crate::layout;
+use crate::loader;
+use crate::memory::GuestRam;
+use crate::snapshot::format::Snapshot;
+
+/// A created VM with its memory and vCPUs, not running yet.
+#[derive(Debug)]
+pub struct Machine {
+    /// What it is.
+    pub config: VmConfig,
+    /// TSC frequency given to the guest (kHz).
+    pub tsc_khz: u32,
+    /// The vCPUs, in index order.
+    pub(crate) vcpus: Vec<Vcpu>,
+    /// The VM and its guest RAM.
+    pub(crate) vm: Arc<Vm>,
+    /// The APF MSRs to load into the driver before the first entry (a restored guest's);
+    /// `None` when KVM owns them (`--apf kernel`) or the guest just boots.
+    pub(crate) apf_state: Option<SavedState>,
+    /// Recreated from a snapshot (the report counts the guest's counters from the start).
+    pub(crate) restored: bool,
+    /// The KVM system fd, kept open for the VM's life.
+    _kvm: Kvm,
+}
+
+/// Checks the parts of a configuration that do not involve the guest image (also applied to
+/// a restored one).
+pub fn validate(cfg: &VmConfig) -> Result<()> {
+    if cfg.vcpus == 0 || cfg.vcpus as usize > MAX_CPUS {
+        return Err(VmmError::Config(format!(
+            "--vcpus {} must be between 1 and {MAX_CPUS}",
+            cfg.vcpus
+        )));
+    }
+    layout::check_ram_size(cfg.mem_size)?;
+    if cfg.tasks.len() > MAX_TASKS {
+        return Err(VmmError::Config(format!(
+            "{} tasks: at most {MAX_TASKS}",
+            cfg.tasks.len()
+        )));
+    }
+    if let Some((i, t)) = cfg
+        .tasks
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.cpu >= cfg.vcpus)
+    {
+        return Err(VmmError::Config(format!(
+            "task {i} is assigned to vCPU {} of {}",
+            t.cpu, cfg.vcpus
+        )));
+    }
+    Ok(())
+}
+
+fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {
+    let mut tasks = [TaskSpec::default(); MAX_TASKS];
+    tasks[..cfg.tasks.len()].copy_from_slice(&cfg.tasks);
+    BootInfo {
+        magic: BOOT_MAGIC,
+        version: ABI_VERSION,
+        cpu_count: cfg.vcpus,
+        ram_size: cfg.mem_size,
+        tsc_khz: u64::from(tsc_khz),
+        quantum_us: cfg.quantum_us,
+        task_count: u32::try_from(cfg.tasks.len()).unwrap_or(0),
+        tasks,
+    }
+}
+
+impl Machine {
+    /// Creates the VM and loads the guest per `cfg`: boot tables, the kernel image, the
+    /// boot information; every vCPU at the entry point.
+    pub fn boot(cfg: &VmConfig) -> Result<Machine> {
+        validate(cfg)?;
+        let image = loader::parse(&cfg.guest_image)?;
+        let kvm = vm::open_kvm()?;
+        let vm = Arc::new(Vm::create(
+            &kvm,
+            cfg.halt,
+            true,
+            Arc::new(GuestRam::new(cfg.mem_size)?),
+        )?);
+        let ram = vm.ram();
+        layout::write_boot_tables(ram)?;
+        image.load(ram)?;
+        let vcpus = (0..cfg.vcpus)
+            .map(|index| Vcpu::create(&kvm, vm.fd(), index, cfg.vcpus, cfg.apf, image.entry))
+            .collect::<Result<Vec<_>>>()?;
+        let tsc_khz = vcpus[0].tsc_khz()?;
+        ram.write_obj(BOOT_INFO_GPA, &boot_info(cfg, tsc_khz))?;
+        tracing::info!(vcpus = cfg.vcpus, mem = cfg.mem_size, apf = ?cfg.apf, entry = format_args!("{:#x}", image.entry), tsc_khz, "booting");
+        Ok(Machine {
+            config: cfg.clone(),
+            tsc_khz,
+            vcpus,
+            vm,
+            apf_state: None,
+            restored: false,
+            _kvm: kvm,
+        })
+    }
+
+    /// Recreates the VM `snapshot` describes, with the same CPUID and APF features, for the
+    /// APF path `apf`: the interrupt controllers and every vCPU's state are loaded; guest
+    /// memory is mapped but empty (a memory backend fills it).
+    ///
+    /// The VM's `hlt` handling follows `apf` ([`ApfPath::halt`]) and so does the MSR
+    /// filter: with `ApfPath::Kernel` KVM owns the APF MSRs and the snapshot's values are
+    /// written into KVM (`_INT` before `_EN`, as a guest writes them; KVM's enable path
+    /// queues its own wake-all); otherwise the driver loads them at the start of the run.
+    pub fn restore(snapshot: &Snapshot, apf: ApfPath) -> Result<Machine> {
+        let m = &snapshot.manifest;
+        let cfg = VmConfig {
+            vcpus: m.config.vcpus,
+            mem_size: m.config.mem_size,
+            apf: m.config.apf,
+            guest_image: Vec::new(),
+            tasks: m.config.tasks.iter().map(TaskSpec::from).collect(),
+            quantum_us: m.config.quantum_us,
+            halt: apf.halt(),
+        };
+        validate(&cfg)?;
+        let kvm = vm::open_kvm()?;
+        let ram = Arc::new(GuestRam::new(cfg.mem_size)?);
+        let vm = Arc::new(Vm::create(&kvm, cfg.halt, !apf.kvm_owns_msrs(), ram)?);
+        vm::set_irqchips(vm.fd(), &m.vm.irqchips)?;
+        let vcpus = m
+            .vcpus
+            .iter()
+            .map(|s| Vcpu::restore(&kvm, vm.fd(), cfg.vcpus, cfg.apf, s))
+            .collect::<Result<Vec<_>>>()?;
+        let apf_state = if apf.kvm_owns_msrs() {
+            for (v, saved) in vcpus.iter().zip(&m.engine.vcpus) {
+                let msrs: Vec<(u32, u64)> = [
+                    (apf_abi::msr::MSR_KVM_ASYNC_PF_INT, saved.async_pf_int),
+                    (apf_abi::msr::MSR_KVM_ASYNC_PF_EN, saved.async_pf_en),
+                ]
+                .into_iter()
+                .filter(|&(_, value)| value != 0)
+                .collect();
+                if !msrs.is_empty() {
+                    v.set_msrs(&msrs)?;
+                }
+            }
+            None
+        } else {
+            Some(m.engine.clone())
+        };
+        Ok(Machine {
+            config: cfg,
+            tsc_khz: m.config.tsc_khz,
+            vcpus,
+            vm,
+            apf_state,
+            restored: true,
+            _kvm: kvm,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+}
