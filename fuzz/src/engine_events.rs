@@ -5,7 +5,7 @@
 //!
 //! After every input: `Engine::check_invariants()` (the invariants the property tests in
 //! `crates/apf-host/tests/` check), and the engine agrees with a shadow model written from the
-//! protocol's rules (`shared/docs/protocol.md` §2–4, quoted in apf-host):
+//! protocol's rules (`docs/protocol.md` §2–4, quoted in apf-host):
 //!
 //! - every MSR write and every restore gets exactly the answer the rules give (#GP / error
 //!   value included), and a refused one changes nothing but the counters;

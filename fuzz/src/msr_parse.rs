@@ -1,6 +1,6 @@
 //! `msr_parse`: `apf_abi::{AsyncPfEn, AsyncPfInt, AsyncPfAck}::parse` over any `(u64,
 //! PvFeatures)` never panics, and its verdict (error value included) and the accessors of an
-//! accepted value match an oracle written from the rules of `shared/docs/protocol.md`
+//! accepted value match an oracle written from the rules of `docs/protocol.md`
 //! (quoted in `apf_abi::msr`), not from apf-abi's code:
 //!
 //! - none of the three MSRs exists without CPUID bit 4; `_INT`/`_ACK` also need bit 14;

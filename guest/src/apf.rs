@@ -61,36 +61,57 @@ impl<T> SpinLock<T> {
 /// it, and in this kernel a task sleeps on its token before the #PF handler returns, so a
 /// task that a wake-all of its own vCPU woke slept on a covered token: a later individual
 /// page ready for that token is a host bug ([`CpuCounters::ready_after_wake_all`]).
-/// A ring of the most recent ones: one wake-all wakes at most `MAX_TASKS` tasks.
+///
+/// One slot per task (the token it slept on when a wake-all woke it), cleared when the task
+/// sleeps again: a woken task retries its access at once, so slots are live only briefly and
+/// the usual page-ready pays one comparison (`live == 0`), not a search. Every instruction
+/// here runs emulated at CPL 0 on our hosts.
 ///
 /// [`CpuCounters::ready_after_wake_all`]: guest_abi::CpuCounters::ready_after_wake_all
 struct WokenByWakeAll {
-    /// Raw tokens; 0 = empty (never a token).
-    tokens: [u32; WOKEN_CAPACITY],
-    next: usize,
+    /// Per task: the raw covered token; 0 = none (never a token).
+    tokens: [u32; MAX_TASKS],
+    /// Slots holding a token.
+    live: usize,
 }
-
-const WOKEN_CAPACITY: usize = 64;
-const _: () = assert!(WOKEN_CAPACITY >= MAX_TASKS);
 
 impl WokenByWakeAll {
     const fn new() -> Self {
         WokenByWakeAll {
-            tokens: [0; WOKEN_CAPACITY],
-            next: 0,
+            tokens: [0; MAX_TASKS],
+            live: 0,
         }
     }
 
-    fn record(&mut self, token: Token) {
-        self.tokens[self.next] = token.get();
-        self.next = (self.next + 1) % WOKEN_CAPACITY;
+    /// Task `task`, asleep on `token`, was woken by a wake-all of its own vCPU.
+    fn record(&mut self, task: usize, token: Token) {
+        if let Some(slot) = self.tokens.get_mut(task) {
+            if *slot == 0 {
+                self.live += 1;
+            }
+            *slot = token.get();
+        }
     }
 
-    /// Forgets `token`; true when it was recorded.
+    /// Task `task` sleeps again: its old token names nothing any more.
+    fn forget(&mut self, task: usize) {
+        if let Some(slot) = self.tokens.get_mut(task)
+            && *slot != 0
+        {
+            *slot = 0;
+            self.live -= 1;
+        }
+    }
+
+    /// True when `token` is a covered one (and forgets it).
     fn take(&mut self, token: Token) -> bool {
+        if self.live == 0 {
+            return false;
+        }
         match self.tokens.iter_mut().find(|t| **t == token.get()) {
             Some(t) => {
                 *t = 0;
+                self.live -= 1;
                 true
             }
             None => false,
@@ -177,7 +198,10 @@ pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
             let outcome = TABLE.with(|s| {
                 let o = s.table.wait(token, cur as u8);
                 if o == WaitOutcome::Sleep {
-                    // The token names a new fault now (the host reissued it).
+                    // What a wake-all covered before names nothing any more: this task's
+                    // old token, and this token if the host reissued it (both cost one
+                    // comparison while no slot is live).
+                    s.woken.forget(cur as usize);
                     let _ = s.woken.take(token);
                     // Inside the lock, so a wake on another vCPU cannot come in between.
                     TASK_STATE[cur as usize].store(state::ASLEEP, Ordering::Release);
@@ -265,7 +289,7 @@ fn wake(c: &Cpu, r: Ready) -> bool {
                 for (token, task) in s.table.iter_sleepers() {
                     // SAFETY: `cpu` of a task never changes after boot.
                     if unsafe { (*task_ptr(u32::from(task))).cpu } == me {
-                        s.woken.record(token);
+                        s.woken.record(usize::from(task), token);
                     }
                 }
                 let _ = s

@@ -6,7 +6,7 @@
 //! advertises; every invalid value gets a precise [`MsrError`], which a host answers with #GP.
 //!
 //! `no_std`, no allocation: the same crate serves the VMM and the guest kernel.
-//! Rules are quoted from `shared/docs/protocol.md` (§2 = v1, the seed patch; §3 = v2).
+//! Rules are quoted from `docs/protocol.md` (§2 = v1, the seed patch; §3 = v2).
 #![no_std]
 
 pub mod area;

@@ -196,7 +196,7 @@ impl AsyncPfEn {
     ///
     /// Seed mode: enabled → v1. Modern mode: enabled and `DELIVERY_AS_INT` → v2; enabled
     /// without it is accepted but delivers nothing, as current KVM does ("only v2 guests get
-    /// it (ENABLED alone: nothing injected)", host-facts.md).
+    /// it (ENABLED alone: nothing injected)", docs/host.md).
     pub const fn version(self) -> Option<Version> {
         if !self.enabled() {
             return None;

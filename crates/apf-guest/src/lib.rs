@@ -1,4 +1,4 @@
-//! The guest side of KVM's asynchronous page fault (APF) protocol (`shared/docs/protocol.md`).
+//! The guest side of KVM's asynchronous page fault (APF) protocol (`docs/protocol.md`).
 //!
 //! `no_std`, no allocation, no floating point, no panics on what the host sends: the
 //! project's guest kernel runs this at CPL 0, and the host engine's property tests couple

@@ -4,7 +4,7 @@
 //! One [`Engine`] per VM holds the protocol state of every vCPU: the APF MSRs, the
 //! outstanding tokens, the "page ready" queues. Like quinn-proto's `Endpoint` it performs no
 //! I/O whatsoever: the VMM feeds it events and performs the [`Action`]s it yields. It knows
-//! nothing of KVM, threads, userfaultfd or clocks, so every rule of `shared/docs/protocol.md`
+//! nothing of KVM, threads, userfaultfd or clocks, so every rule of `docs/protocol.md`
 //! §2–4 is a unit test, and the whole engine can be model-checked (it is `Clone + Eq + Hash`).
 //!
 //! # Use from a VMM

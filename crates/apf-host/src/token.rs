@@ -66,7 +66,7 @@ mod tests {
         assert_eq!(
             t.get(),
             0x1000,
-            "host-facts: first token of vCPU 0 is 0x1000"
+            "measured with KVM's own APF: the first token of vCPU 0 is 0x1000"
         );
         let mut id = 5;
         assert_eq!(allocate(3, &mut id, 0, |_| false).unwrap().get(), 0x5003);

@@ -2,7 +2,7 @@
 //! crate; nothing here touches KVM but through it):
 //!
 //! - [`demo`]: one guest, one fetch latency, every restore mode side by side, one table.
-//! - [`bench`]: the sweep (latency × tasks per vCPU × vCPUs × modes × memory), its JSON,
+//! - [`bench`](mod@bench): the sweep (latency × tasks per vCPU × vCPUs × modes × memory), its JSON,
 //!   table and plot; and what the demo shares with it: the guest, its snapshots, one
 //!   measured restore with its window observer, medians, consistency checks.
 //! - [`soak`]: random restores over and over, every run checked, the counts and a verdict.

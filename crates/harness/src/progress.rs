@@ -30,7 +30,7 @@ impl Bar {
         out
     }
 
-    /// Shows what [`crate::bench::execute`] reports.
+    /// Shows what [`crate::bench::execute`](mod@crate::bench::execute) reports.
     pub fn update(&self, p: Progress<'_>) {
         let Some(bar) = &self.0 else {
             return;

@@ -16,7 +16,7 @@
 //!   afterwards are faulted in through the pager like any other access.
 //! - Each vCPU thread records [`current_thread_id`]; `on_fault` finds the vCPU by
 //!   [`FaultEvent::thread_id`]. With an in-kernel LAPIC and guest IF = 1, KVM faults in a
-//!   kworker and the id is not a vCPU's (host-facts.md, "the trap"): disable HLT exits'
+//!   kworker and the id is not a vCPU's (docs/host.md, "the trap"): disable HLT exits'
 //!   in-kernel handling or use no in-kernel irqchip.
 //! - Callbacks run on the pager thread: signal, queue, return. Never touch guest memory or
 //!   wait for a vCPU there.

@@ -18,7 +18,7 @@ pub struct FaultEvent {
     pub host_addr: u64,
     /// Thread id (gettid) of the faulting thread: the vCPU's thread when the fault was taken
     /// in its KVM_RUN (with an in-kernel LAPIC and IF = 1, KVM may fault in a kworker
-    /// instead: see host-facts.md).
+    /// instead: see docs/host.md).
     pub thread_id: u32,
     /// When the pager read the message.
     pub at: Instant,

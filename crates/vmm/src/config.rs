@@ -27,7 +27,7 @@ pub enum HaltMode {
     #[default]
     InKernel,
     /// `KVM_CAP_X86_DISABLE_EXITS(HLT)`: `hlt` does not exit at all; a missing page is
-    /// then faulted on the vCPU thread (host-facts.md, "the trap").
+    /// then faulted on the vCPU thread (docs/host.md, "the trap").
     NoExit,
 }
 
@@ -65,7 +65,7 @@ pub enum ApfPath {
     /// Nobody injects, but the VM is made as for `Kernel` except that the APF MSRs stay
     /// filtered to the VMM (KVM never sees the guest's enable): in-kernel `hlt` and LAPIC, so
     /// KVM takes the fault in a kworker and parks the vCPU in its "APF halt", which lets
-    /// interrupts in (host-facts.md, "the trap").
+    /// interrupts in (docs/host.md, "the trap").
     OffHalt,
     /// KVM's own in-kernel APF on the same userfaultfd memory: no MSR filter (KVM owns the
     /// APF MSRs; the snapshot's values are written into KVM), in-kernel `hlt` (KVM's path
@@ -75,7 +75,7 @@ pub enum ApfPath {
 
 impl ApfPath {
     /// How `hlt` must be handled for this path: userspace APF needs faults taken on the
-    /// vCPU thread (host-facts.md, "the trap"); KVM's own APF needs its in-kernel halt.
+    /// vCPU thread (docs/host.md, "the trap"); KVM's own APF needs its in-kernel halt.
     pub fn halt(self) -> HaltMode {
         match self {
             ApfPath::Userspace | ApfPath::Off => HaltMode::NoExit,

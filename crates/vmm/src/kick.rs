@@ -7,7 +7,7 @@
 //! `KVM_RUN` return `EINTR` at once. The vCPU loop clears `immediate_exit` after each `EINTR`.
 //!
 //! [`Kicker`] is the cross-thread handle (used to stop vCPUs, to retry a held APF delivery
-//! and, later, by the userfaultfd pager to report a missing page). [`DelayedKicks`] kicks
+//! and for the faults the userfaultfd pager reports). [`DelayedKicks`] kicks
 //! after a delay from one helper thread.
 
 use std::cell::Cell;

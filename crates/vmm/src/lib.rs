@@ -15,7 +15,7 @@
 //! - [`snapshot`]: the on-disk format, taking one; [`source`] (a snapshot's memory from its
 //!   file or NBD) and [`lazy`] (memory served on demand by the pager).
 //! - [`machine`] (a VM booted or restored, not running), [`run`](mod@run) (running it: vCPU
-//!   threads, APF driver, memory backend, observer), [`restore`] (snapshot → machine →
+//!   threads, APF driver, memory backend, observer), [`restore`](mod@restore) (snapshot → machine →
 //!   memory → run), [`report`] (what a run produced).
 
 pub mod apf;

@@ -1,5 +1,6 @@
 //! A VM made and not running yet: booted from a guest image, or recreated from a snapshot
-//! (vCPU and device state loaded, guest memory left to a memory backend).
+//! in two steps ([`EmptyMachine`]: the VM and its RAM, memory loaded, then the vCPU and
+//! device state).
 
 use std::sync::Arc;
 
@@ -34,6 +35,98 @@ pub struct Machine {
     pub(crate) restored: bool,
     /// The KVM system fd, kept open for the VM's life.
     _kvm: Kvm,
+}
+
+/// A VM recreated from a snapshot up to its memory: the VM with the snapshot's features and
+/// its RAM mapped, no vCPU yet. Guest memory the restore loads before the first instruction
+/// goes in now ([`EmptyMachine::ram`]), before [`EmptyMachine::load_state`] creates the
+/// vCPUs: on our hosts, memory the VMM writes after the vCPUs exist costs the guest a storm of
+/// shadow-MMU faults (25 ms for 48 MiB, measured: docs/host.md).
+#[derive(Debug)]
+pub struct EmptyMachine {
+    config: VmConfig,
+    apf: ApfPath,
+    vm: Arc<Vm>,
+    kvm: Kvm,
+}
+
+impl EmptyMachine {
+    /// Creates the VM `snapshot`'s manifest describes, with the same CPUID and APF features,
+    /// for the APF path `apf`: `hlt` handling and the MSR filter follow it
+    /// ([`ApfPath::halt`], [`ApfPath::kvm_owns_msrs`]). Guest RAM is mapped and empty.
+    pub fn create(snapshot: &Snapshot, apf: ApfPath) -> Result<EmptyMachine> {
+        let m = &snapshot.manifest;
+        let config = VmConfig {
+            vcpus: m.config.vcpus,
+            mem_size: m.config.mem_size,
+            apf: m.config.apf,
+            guest_image: Vec::new(),
+            tasks: m.config.tasks.iter().map(TaskSpec::from).collect(),
+            quantum_us: m.config.quantum_us,
+            halt: apf.halt(),
+        };
+        validate(&config)?;
+        let kvm = vm::open_kvm()?;
+        let ram = Arc::new(GuestRam::new(config.mem_size)?);
+        let vm = Arc::new(Vm::create(&kvm, config.halt, !apf.kvm_owns_msrs(), ram)?);
+        Ok(EmptyMachine {
+            config,
+            apf,
+            vm,
+            kvm,
+        })
+    }
+
+    /// Guest RAM, to load memory into.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+
+    /// Loads the rest of `snapshot`: the interrupt controllers, every vCPU's state, the APF
+    /// MSRs. With `ApfPath::Kernel` KVM owns those: the snapshot's values are written into
+    /// KVM (`_INT` before `_EN`, as a guest writes them; KVM's enable path queues its own
+    /// wake-all); otherwise the driver loads them at the start of the run.
+    pub fn load_state(self, snapshot: &Snapshot) -> Result<Machine> {
+        let m = &snapshot.manifest;
+        let EmptyMachine {
+            config,
+            apf,
+            vm,
+            kvm,
+        } = self;
+        vm::set_irqchips(vm.fd(), &m.vm.irqchips)?;
+        let vcpus = m
+            .vcpus
+            .iter()
+            .map(|s| Vcpu::restore(&kvm, vm.fd(), config.vcpus, config.apf, s))
+            .collect::<Result<Vec<_>>>()?;
+        let apf_state = if apf.kvm_owns_msrs() {
+            for (v, saved) in vcpus.iter().zip(&m.engine.vcpus) {
+                let msrs: Vec<(u32, u64)> = [
+                    (apf_abi::msr::MSR_KVM_ASYNC_PF_INT, saved.async_pf_int),
+                    (apf_abi::msr::MSR_KVM_ASYNC_PF_EN, saved.async_pf_en),
+                ]
+                .into_iter()
+                .filter(|&(_, value)| value != 0)
+                .collect();
+                if !msrs.is_empty() {
+                    v.set_msrs(&msrs)?;
+                }
+            }
+            None
+        } else {
+            Some(m.engine.clone())
+        };
+        Ok(Machine {
+            config,
+            tsc_khz: m.config.tsc_khz,
+            vcpus,
+            vm,
+            apf_state,
+            restored: true,
+            _kvm: kvm,
+        })
+    }
 }
 
 /// Checks the parts of a configuration that do not involve the guest image (also applied to
@@ -110,63 +203,6 @@ impl Machine {
             vm,
             apf_state: None,
             restored: false,
-            _kvm: kvm,
-        })
-    }
-
-    /// Recreates the VM `snapshot` describes, with the same CPUID and APF features, for the
-    /// APF path `apf`: the interrupt controllers and every vCPU's state are loaded; guest
-    /// memory is mapped but empty (a memory backend fills it).
-    ///
-    /// The VM's `hlt` handling follows `apf` ([`ApfPath::halt`]) and so does the MSR
-    /// filter: with `ApfPath::Kernel` KVM owns the APF MSRs and the snapshot's values are
-    /// written into KVM (`_INT` before `_EN`, as a guest writes them; KVM's enable path
-    /// queues its own wake-all); otherwise the driver loads them at the start of the run.
-    pub fn restore(snapshot: &Snapshot, apf: ApfPath) -> Result<Machine> {
-        let m = &snapshot.manifest;
-        let cfg = VmConfig {
-            vcpus: m.config.vcpus,
-            mem_size: m.config.mem_size,
-            apf: m.config.apf,
-            guest_image: Vec::new(),
-            tasks: m.config.tasks.iter().map(TaskSpec::from).collect(),
-            quantum_us: m.config.quantum_us,
-            halt: apf.halt(),
-        };
-        validate(&cfg)?;
-        let kvm = vm::open_kvm()?;
-        let ram = Arc::new(GuestRam::new(cfg.mem_size)?);
-        let vm = Arc::new(Vm::create(&kvm, cfg.halt, !apf.kvm_owns_msrs(), ram)?);
-        vm::set_irqchips(vm.fd(), &m.vm.irqchips)?;
-        let vcpus = m
-            .vcpus
-            .iter()
-            .map(|s| Vcpu::restore(&kvm, vm.fd(), cfg.vcpus, cfg.apf, s))
-            .collect::<Result<Vec<_>>>()?;
-        let apf_state = if apf.kvm_owns_msrs() {
-            for (v, saved) in vcpus.iter().zip(&m.engine.vcpus) {
-                let msrs: Vec<(u32, u64)> = [
-                    (apf_abi::msr::MSR_KVM_ASYNC_PF_INT, saved.async_pf_int),
-                    (apf_abi::msr::MSR_KVM_ASYNC_PF_EN, saved.async_pf_en),
-                ]
-                .into_iter()
-                .filter(|&(_, value)| value != 0)
-                .collect();
-                if !msrs.is_empty() {
-                    v.set_msrs(&msrs)?;
-                }
-            }
-            None
-        } else {
-            Some(m.engine.clone())
-        };
-        Ok(Machine {
-            config: cfg,
-            tsc_khz: m.config.tsc_khz,
-            vcpus,
-            vm,
-            apf_state,
-            restored: true,
             _kvm: kvm,
         })
     }

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! Snapshot::open ─► source::open (memory file or NBD, every chunk verified)
-//!   ─► Machine::restore (VM as at boot, vCPU and irqchip state, APF MSRs for the driver)
-//!   ─► eager memory loaded (all of it, or the low region of a lazy restore)
+//!   ─► EmptyMachine::create (the VM as at boot, RAM mapped)
+//!   ─► eager memory loaded (all of it, or the low region of a lazy restore), before the
+//!      vCPUs exist: later host writes cost the guest shadow-MMU faults on our hosts
+//!   ─► EmptyMachine::load_state (irqchip and vCPU state, APF MSRs for the driver)
 //!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of RAM), options, observer)
 //! ```
 //!
@@ -22,7 +24,7 @@ use pager::{FetchLatency, PageSource, Prefetch};
 use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
 use crate::lazy::LazyPlan;
-use crate::machine::Machine;
+use crate::machine::EmptyMachine;
 use crate::memory::GuestRam;
 use crate::report::{RestoreMode, RestoreReport, RunReport};
 use crate::run::observer::RunObserver;
@@ -112,14 +114,15 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         Snapshot::open(&opts.dir)?
     };
     let source = source::open(&snap, &opts.source)?;
-    let machine = Machine::restore(&snap, opts.apf)?;
-    let mem_size = machine.config.mem_size;
+    let mem_size = snap.manifest.config.mem_size;
     let eager_end = if opts.lazy {
         WORKLOAD_GPA.min(mem_size)
     } else {
         mem_size
     };
-    load_eager(machine.ram(), &*source, eager_end)?;
+    let empty = EmptyMachine::create(&snap, opts.apf)?;
+    load_eager(empty.ram(), &*source, eager_end)?;
+    let machine = empty.load_state(&snap)?;
     let source_name = source.describe();
     let memory = if opts.lazy {
         Memory::Lazy(LazyPlan {

@@ -9,7 +9,7 @@
 //! KVM's in-kernel APF on v2 guests) with a random fetch latency (fixed 0–5 ms, `uniform:`,
 //! `exp:`) and prefetch policy, and run it to its exit under a timeout.
 //!
-//! Every run must pass the checks of [`iteration`]; [`summary`] counts them. The verdict is
+//! Every run must pass the checks of [`iteration`](mod@iteration); [`summary`] counts them. The verdict is
 //! FAIL if any iteration failed, INTERRUPTED if SIGINT or SIGTERM stopped the soak before
 //! its duration, PASS otherwise.
 

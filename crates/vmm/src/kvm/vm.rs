@@ -3,7 +3,7 @@
 //! # `hlt` and the in-kernel irqchip (a documented choice)
 //! The VM uses KVM's in-kernel irqchip (LAPIC): page-ready interrupts are `KVM_SIGNAL_MSI`
 //! and the guest's LAPIC timer is KVM's. A guest `hlt` then sleeps in the kernel
-//! ([`HaltMode::InKernel`], the default for a boot). host-facts.md ("the trap") shows that with an
+//! ([`HaltMode::InKernel`], the default for a boot). docs/host.md ("the trap") shows that with an
 //! in-kernel LAPIC and IF = 1, KVM resolves missing userfaultfd pages in a kworker, hiding
 //! which vCPU faulted; every restore therefore uses [`HaltMode::NoExit`]
 //! (`KVM_CAP_X86_DISABLE_EXITS(HLT)`, enabled here before any vCPU exists), except

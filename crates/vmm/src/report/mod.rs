@@ -1,6 +1,6 @@
 //! What a run produced: the guest's exit status and counters, the APF driver's and engine's
 //! counters, the VMM's exit statistics, the lazy memory's pager statistics. Sources are
-//! serialized as they are; the text summary is in [`text`].
+//! serialized as they are; the text summary is `RunReport::summary`.
 
 mod text;
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use apf_abi::PvFeatures;
 use apf_host::{EngineConfig, RamMap, SavedState};
 use guest_abi::{COUNTERS_GPA, COUNTERS_MAGIC, Counters};
-use pager::{FaultEvent, PagerError, PagerObserver};
+use pager::PagerObserver;
 
 use crate::apf::{ApfService, DriverConfig};
 use crate::config::VmConfig;
@@ -83,26 +83,6 @@ pub enum Memory {
     Resident,
     /// Part of RAM arrives on demand.
     Lazy(LazyPlan),
-}
-
-/// Forwards the pager's events to the APF driver, and its failures to the run.
-struct PagerEvents(Arc<Shared>);
-
-impl PagerObserver for PagerEvents {
-    fn on_fault(&self, e: &FaultEvent) {
-        self.0
-            .apf
-            .fault_reported(e.thread_id, e.gpa, e.at, e.duplicate);
-    }
-
-    fn on_page_ready(&self, gpa: u64, at: Instant) {
-        self.0.apf.page_mapped(gpa, at);
-    }
-
-    fn on_error(&self, error: PagerError) {
-        // The pager's errors name the guest page (and the chunk, for a checksum mismatch).
-        self.0.fail(VmmError::Pager(error));
-    }
 }
 
 /// The APF driver for this machine (the MSRs of a restored guest loaded) and what every
@@ -199,7 +179,7 @@ impl Session {
             Memory::Lazy(plan) => Some(LazyMemory::start(
                 plan,
                 vm.ram(),
-                Arc::new(PagerEvents(Arc::clone(&shared))),
+                Arc::clone(&shared) as Arc<dyn PagerObserver>,
             )?),
         };
         // Read, never written: guest memory is the snapshot's.

@@ -1,5 +1,5 @@
 //! Taking a snapshot of a paused VM: every vCPU has left `KVM_RUN` with its last instruction
-//! completed ([`crate::vcpu_loop::VcpuEnd::Paused`]), so registers, events, LAPICs, the
+//! completed ([`super::vcpu_loop::VcpuEnd::Paused`]), so registers, events, LAPICs, the
 //! interrupt controllers and memory are one consistent picture.
 
 use std::io::Write;

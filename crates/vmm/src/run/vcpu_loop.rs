@@ -3,6 +3,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use pager::{FaultEvent, PagerError, PagerObserver};
 
 use crate::apf::ApfService;
 use crate::console::{Console, LineBuffer};
@@ -105,6 +108,24 @@ impl Shared {
         for k in &self.kickers {
             k.kick();
         }
+    }
+}
+
+/// The pager reports to what the vCPU threads share: faults and arrivals to the APF driver,
+/// its failures to the run (which stops).
+impl PagerObserver for Shared {
+    fn on_fault(&self, e: &FaultEvent) {
+        self.apf
+            .fault_reported(e.thread_id, e.gpa, e.at, e.duplicate);
+    }
+
+    fn on_page_ready(&self, gpa: u64, at: Instant) {
+        self.apf.page_mapped(gpa, at);
+    }
+
+    fn on_error(&self, error: PagerError) {
+        // The pager's errors name the guest page (and the chunk, for a checksum mismatch).
+        self.fail(VmmError::Pager(error));
     }
 }
 

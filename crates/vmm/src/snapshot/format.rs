@@ -201,7 +201,7 @@ pub struct SavedVcpuState {
     pub lapic: kvm_lapic_state,
     /// `KVM_MP_STATE_*`.
     pub mp_state: u32,
-    /// MSRs KVM handles itself ([`crate::kvm::vcpu::SAVED_MSRS`], those KVM could read).
+    /// MSRs KVM handles itself ([`crate::kvm::vcpu_setup::SAVED_MSRS`], those KVM could read).
     pub msrs: Vec<SavedMsr>,
 }
 

@@ -61,7 +61,7 @@ fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
 }
 
 /// Writes a snapshot to `dir` atomically. `write_memory` receives the open memory file and
-/// returns the chunk checksums of what it wrote (a [`ChunkHasher`]'s). `dir` must not exist.
+/// returns the chunk checksums of what it wrote (a [`super::format::ChunkHasher`]'s). `dir` must not exist.
 pub fn write_atomically(
     dir: &Path,
     mut manifest: Manifest,
