@@ -100,11 +100,14 @@ pub enum FallbackReason {
     OutstandingLimit,
     /// No token is free (only possible with thousands of vCPUs sharing token space).
     TokensExhausted,
+    /// The VMM's policy: the page is expected sooner than an APF cycle costs this vCPU, so
+    /// waiting for it is cheaper ([`crate::Engine::decline`]).
+    ShortWait,
 }
 
 impl FallbackReason {
     /// Every reason, in the order the engine checks them.
-    pub const ALL: [FallbackReason; 11] = [
+    pub const ALL: [FallbackReason; 12] = [
         FallbackReason::NotEnabled,
         FallbackReason::Inert,
         FallbackReason::PagingOff,
@@ -116,6 +119,7 @@ impl FallbackReason {
         FallbackReason::WakeAllInFlight,
         FallbackReason::OutstandingLimit,
         FallbackReason::TokensExhausted,
+        FallbackReason::ShortWait,
     ];
 
     /// Position in [`FallbackReason::ALL`].
@@ -138,6 +142,7 @@ impl FallbackReason {
             FallbackReason::WakeAllInFlight => "wake_all_in_flight",
             FallbackReason::OutstandingLimit => "outstanding_limit",
             FallbackReason::TokensExhausted => "tokens_exhausted",
+            FallbackReason::ShortWait => "short_wait",
         }
     }
 }
@@ -156,6 +161,7 @@ impl fmt::Display for FallbackReason {
             FallbackReason::WakeAllInFlight => "wake-all in the token slot, not taken yet",
             FallbackReason::OutstandingLimit => "outstanding limit reached",
             FallbackReason::TokensExhausted => "no free token",
+            FallbackReason::ShortWait => "page due sooner than an APF costs",
         };
         f.write_str(s)
     }

@@ -272,6 +272,25 @@ impl Engine {
         Ok(FaultOutcome::Injected(token))
     }
 
+    /// vCPU `vcpu` faulted on the frame holding `gpa`, and the VMM chose to let it wait for
+    /// the page (`reason`, e.g. [`FallbackReason::ShortWait`]) rather than ask for an APF: the
+    /// fault is counted as one answered synchronously for that reason. Nothing else changes.
+    pub fn decline(
+        &mut self,
+        vcpu: usize,
+        gpa: u64,
+        reason: FallbackReason,
+    ) -> Result<FaultOutcome, Error> {
+        self.check_vcpu(vcpu)?;
+        counters::bump(&mut self.counters.faults);
+        if self.arrived.contains(gpa) {
+            counters::bump(&mut self.counters.faults_on_arrived);
+            return Ok(FaultOutcome::AlreadyPresent);
+        }
+        self.counters.fallback.record(reason);
+        Ok(FaultOutcome::Sync(reason))
+    }
+
     /// Every rule that forbids "page not present" now, checked in [`FallbackReason::ALL`]
     /// order.
     fn may_inject_not_present(&self, vcpu: usize, state: &VcpuState) -> Result<(), FallbackReason> {
@@ -804,6 +823,26 @@ mod tests {
         assert_eq!(e.page_arrived(0x9000), 0);
         assert!(!e.pending_delivery(0));
         assert_eq!(e.counters().pages_arrived, 2);
+    }
+
+    #[test]
+    fn a_declined_fault_is_counted_as_synchronous_and_changes_nothing() {
+        let mut e = v2(1);
+        let before = e.clone();
+        assert_eq!(
+            e.decline(0, PAGE, FallbackReason::ShortWait),
+            Ok(FaultOutcome::Sync(FallbackReason::ShortWait))
+        );
+        assert_eq!(e.counters().fallback.get(FallbackReason::ShortWait), 1);
+        assert_eq!(e.counters().faults, 1);
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.tokens, before.tokens);
+        e.page_arrived(PAGE);
+        assert_eq!(
+            e.decline(0, PAGE, FallbackReason::ShortWait),
+            Ok(FaultOutcome::AlreadyPresent)
+        );
+        assert!(e.decline(5, PAGE, FallbackReason::ShortWait).is_err());
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum Exit {
     },
     /// `KVM_RUN` returned `EINTR` (a kick, or `immediate_exit`).
     Interrupted,
+    /// `KVM_EXIT_IRQ_WINDOW_OPEN`: the guest can take an injection now (asked for with
+    /// `request_interrupt_window`).
+    WindowOpen,
     /// `hlt` exited to userspace (only without an in-kernel irqchip).
     Hlt,
     /// Triple fault or other shutdown.
@@ -190,7 +193,7 @@ pub fn handle_exit(exit: Exit, ctx: &mut dyn ExitContext) -> ExitAction {
                 })
             }
         },
-        Exit::Interrupted | Exit::Hlt => resume,
+        Exit::Interrupted | Exit::WindowOpen | Exit::Hlt => resume,
         Exit::Shutdown => fatal(
             ctx,
             "KVM_EXIT_SHUTDOWN (triple fault: an exception the guest could not handle)".into(),
@@ -429,10 +432,14 @@ mod tests {
     }
 
     #[test]
-    fn interrupted_and_hlt_resume() {
+    fn interrupted_window_and_hlt_resume() {
         let mut f = Fake::default();
         assert_eq!(
             handle_exit(Exit::Interrupted, &mut f),
+            ExitAction::Resume(Reply::None)
+        );
+        assert_eq!(
+            handle_exit(Exit::WindowOpen, &mut f),
             ExitAction::Resume(Reply::None)
         );
         assert_eq!(

@@ -82,7 +82,8 @@ impl EmptyMachine {
         self.vm.ram()
     }
 
-    /// Loads the rest of `snapshot`: the interrupt controllers, every vCPU's state, the APF
+    /// Loads the rest of `snapshot`: every vCPU's state (its LAPIC included; a PIC or IOAPIC
+    /// state of a snapshot from an older build is ignored: the guest uses neither), the APF
     /// MSRs. With `ApfPath::Kernel` KVM owns those: the snapshot's values are written into
     /// KVM (`_INT` before `_EN`, as a guest writes them; KVM's enable path queues its own
     /// wake-all); otherwise the driver loads them at the start of the run.
@@ -94,7 +95,6 @@ impl EmptyMachine {
             vm,
             kvm,
         } = self;
-        vm::set_irqchips(vm.fd(), &m.vm.irqchips)?;
         let vcpus = m
             .vcpus
             .iter()

@@ -19,11 +19,13 @@
 //! - [`Driver::msr_write`] / [`Driver::msr_read`] (vCPU thread): the APF MSRs.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Instant;
 
 use apf_abi::{AsyncPfEn, Token, Version};
 use apf_host::{
-    Action, Delivery, Engine, EngineConfig, FaultOutcome, SavedState, VcpuState, page_of,
+    Action, Delivery, Engine, EngineConfig, FaultOutcome, HoldReason, SavedState, VcpuState,
+    page_of,
 };
 
 use super::metrics::{
@@ -41,6 +43,9 @@ pub struct DriverConfig {
     /// Turn missing-page faults of vCPU threads into APFs (lazy restore with `--apf on`).
     /// Off: no vCPU is kicked for a fault; each one waits for its page in KVM.
     pub faults_to_apf: bool,
+    /// The guest-physical ranges served lazily (a page there is in RAM once it arrived;
+    /// everywhere else it is in RAM from the start).
+    pub lazy: Vec<Range<u64>>,
 }
 
 /// A fault reported by the pager, waiting for its vCPU's thread to take it.
@@ -62,6 +67,21 @@ pub struct Entry {
     pub again: Again,
 }
 
+/// How a vCPU gets a page-ready that just became due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Kick it: it takes the page-ready at its next entry.
+    Kick(usize),
+    /// Deliver it from the reporting thread ([`Driver::deliver_now`]) after reading the token
+    /// slot of the area at `area` (resident: reading it cannot fault).
+    Deliver {
+        /// The vCPU.
+        vcpu: usize,
+        /// Its area.
+        area: u64,
+    },
+}
+
 /// Work left after an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Again {
@@ -70,9 +90,13 @@ pub enum Again {
     /// An exception must wait for the instruction that exited to complete: re-enter with
     /// `immediate_exit` set (KVM completes it and returns at once), then come back.
     AfterCompletion,
-    /// A delivery is held by the guest's state (IF = 0, reason not consumed...) or waits
-    /// behind the exception injected now: come back as soon as the guest could take it.
+    /// A delivery is held by the guest's interrupt state (IF = 0, an interrupt shadow, an
+    /// event being injected) or waits behind the exception injected now: come back at the
+    /// first moment the guest can take an injection (an interrupt window).
     WhenInjectable,
+    /// A delivery is held by the guest's area (a reason not consumed, the v2 token slot not
+    /// freed): nothing the vCPU's state says when that changes; look again a little later.
+    Later,
 }
 
 /// Per-vCPU record.
@@ -94,6 +118,7 @@ pub struct Driver {
     engine: Engine,
     vcpus: Vec<Record>,
     faults_to_apf: bool,
+    lazy: Vec<Range<u64>>,
     counters: DriverCounters,
     latency: DriverLatency,
     /// Frame → first fault message on it (for the fetch latency).
@@ -101,6 +126,8 @@ pub struct Driver {
     /// Token → when its page was mapped (for the page-ready delivery latency).
     mapped_at: HashMap<Token, Instant>,
     enables: Vec<EnableRecord>,
+    /// Why the last delivery window of the current entry was held.
+    last_hold: Option<HoldReason>,
 }
 
 impl Driver {
@@ -111,11 +138,13 @@ impl Driver {
             engine: Engine::new(config.engine),
             vcpus,
             faults_to_apf: config.faults_to_apf,
+            lazy: config.lazy,
             counters: DriverCounters::default(),
             latency: DriverLatency::default(),
             first_fault: HashMap::new(),
             mapped_at: HashMap::new(),
             enables: Vec::new(),
+            last_hold: None,
         }
     }
 
@@ -237,9 +266,12 @@ impl Driver {
         None
     }
 
-    /// Pager thread: the frame of `gpa` is mapped. Every token on it becomes ready; returns
-    /// the vCPUs to kick so that they take their page-ready.
-    pub fn page_mapped(&mut self, gpa: u64, at: Instant) -> Vec<usize> {
+    /// Pager thread: the frame of `gpa` is mapped. Every token on it becomes ready; says,
+    /// for each vCPU that now has a page-ready to take, how it gets it: a v2 vCPU whose area
+    /// is resident in RAM gets it from this thread (the token goes into its slot and its
+    /// interrupt is raised: [`Driver::deliver_now`]), without leaving the guest; any other
+    /// is kicked to take it at its next entry.
+    pub fn page_mapped(&mut self, gpa: u64, at: Instant) -> Vec<Wake> {
         let page = page_of(gpa);
         self.counters.pages_mapped += 1;
         if let Some(t0) = self.first_fault.remove(&page) {
@@ -251,7 +283,7 @@ impl Driver {
                 r.sync_page = None;
             }
         }
-        let owners: Vec<usize> = tokens
+        let mut owners: Vec<usize> = tokens
             .iter()
             .filter_map(|&t| self.engine.token_owner(t))
             .collect();
@@ -259,18 +291,57 @@ impl Driver {
             self.mapped_at.insert(t, at);
         }
         self.engine.page_arrived(page);
-        let mut kick: Vec<usize> = if self.engine.config().v1_ready_on_other_vcpus {
-            self.engine.pending_deliveries().collect()
-        } else {
-            owners
-                .into_iter()
-                .filter(|&v| self.engine.pending_delivery(v))
-                .collect()
+        if self.engine.config().v1_ready_on_other_vcpus {
+            owners = self.engine.pending_deliveries().collect();
+        }
+        owners.sort_unstable();
+        owners.dedup();
+        owners.retain(|&v| self.engine.pending_delivery(v));
+        let wakes: Vec<Wake> = owners
+            .into_iter()
+            .map(|v| match self.resident_area(v) {
+                Some(area) if self.engine.version(v) == Some(Version::V2) => {
+                    Wake::Deliver { vcpu: v, area }
+                }
+                _ => Wake::Kick(v),
+            })
+            .collect();
+        self.counters.ready_kicks +=
+            wakes.iter().filter(|w| matches!(w, Wake::Kick(_))).count() as u64;
+        wakes
+    }
+
+    /// vCPU `vcpu`'s area while APF is active on it and its page is in RAM (outside the lazily
+    /// served ranges, or arrived): another thread may read and write it without faulting.
+    fn resident_area(&self, vcpu: usize) -> Option<u64> {
+        let area = self.engine.area_gpa(vcpu)?;
+        let lazy = self.lazy.iter().any(|r| r.contains(&area));
+        (!lazy || self.engine.is_arrived(area)).then_some(area)
+    }
+
+    /// Pager thread, after [`Wake::Deliver`]: hands vCPU `vcpu` its next v2 page-ready from
+    /// this thread, given the token slot `slot` of its area as just read. Returns the
+    /// actions (the slot write, the interrupt), or `None` when the vCPU must be kicked to
+    /// take it itself (the slot is not free, or it has nothing to deliver any more).
+    pub fn deliver_now(&mut self, vcpu: usize, slot: u32, now: Instant) -> Option<Vec<Action>> {
+        if !self.engine.pending_delivery(vcpu) || self.engine.version(vcpu) != Some(Version::V2) {
+            return None;
+        }
+        // v2 delivery depends on the token slot only: the LAPIC holds the interrupt until
+        // the guest can take it.
+        let state = VcpuState {
+            area_token: slot,
+            ..VcpuState::USER
         };
-        kick.sort_unstable();
-        kick.dedup();
-        self.counters.ready_kicks += kick.len() as u64;
-        kick
+        let mut actions = Vec::new();
+        let mut exception_free = true;
+        self.window(vcpu, state, now, &mut actions, &mut exception_free);
+        if actions.is_empty() {
+            self.counters.ready_kicks += 1;
+            return None;
+        }
+        self.counters.direct_readies += 1;
+        Some(actions)
     }
 
     /// The area of vCPU `vcpu` while APF is active on it: the caller reads its two words
@@ -300,6 +371,7 @@ impl Driver {
         now: Instant,
     ) -> Entry {
         self.counters.entries += 1;
+        self.last_hold = None;
         let mut actions = Vec::new();
         let mut exception_free = exception_allowed;
         let v1 = self.engine.version(vcpu) == Some(Version::V1);
@@ -332,12 +404,18 @@ impl Driver {
         }
 
         let fault_left = self.vcpus.get(vcpu).is_some_and(|r| r.fault.is_some());
-        let again = if fault_left || (self.engine.pending_delivery(vcpu) && !exception_allowed) {
+        let pending = self.engine.pending_delivery(vcpu);
+        let again = if fault_left || (pending && !exception_allowed) {
             Again::AfterCompletion
-        } else if self.engine.pending_delivery(vcpu) {
-            Again::WhenInjectable
-        } else {
+        } else if !pending {
             Again::No
+        } else if matches!(
+            self.last_hold,
+            Some(HoldReason::ReasonNotConsumed | HoldReason::TokenSlotBusy)
+        ) {
+            Again::Later
+        } else {
+            Again::WhenInjectable
         };
         Entry { actions, again }
     }
@@ -394,6 +472,9 @@ impl Driver {
             .delivery_window(vcpu, state)
             .unwrap_or(Delivery::Nothing);
         tracing::debug!(vcpu, ?outcome, "delivery window");
+        if let Delivery::Held(reason) = outcome {
+            self.last_hold = Some(reason);
+        }
         if let Delivery::Delivered { token, .. } = outcome {
             if token.is_wake_all() {
                 // The tokens it covered will never be delivered.

@@ -39,6 +39,9 @@ pub struct DriverCounters {
     pub pages_mapped: u64,
     /// Kicks sent so that a vCPU takes a page-ready.
     pub ready_kicks: u64,
+    /// v2 page-readies handed out by the thread that mapped the page (the token written
+    /// into the slot, the interrupt raised), the vCPU never leaving the guest.
+    pub direct_readies: u64,
     /// Entries at which the driver had work (a fault or a delivery).
     pub entries: u64,
 }

@@ -6,8 +6,10 @@
 //!                                                                            └► Kicker::kick (signal)
 //! vCPU v: KVM_RUN → EINTR ─► ApfService::entry: CPU state + area words (no lock held)
 //!            └► Driver::entry: the pending fault → Engine::fault → inject #PF CR2 = T, or wait
-//! pager thread: UFFDIO_COPY done ─► ApfService::page_mapped ─► Engine::page_arrived ─► kick owners
-//! vCPU v: Driver::entry → Engine::delivery_window: v1 #PF reason 2 | v2 token + MSI (then ACK)
+//! pager thread: UFFDIO_COPY done ─► ApfService::page_mapped ─► Engine::page_arrived
+//!     v2 owner, area in RAM: token into its slot + MSI from the pager thread (no exit)
+//!     otherwise: kick; at its entry Engine::delivery_window: v1 #PF reason 2 | v2 token + MSI
+//! v1: several deliveries wait for an interrupt window, which opens as the guest's handler returns
 //! ```
 //!
 //! - [`core`]: the decisions, pure (events in, decisions out), unit-tested with fabricated
@@ -19,6 +21,6 @@ pub mod core;
 pub mod metrics;
 pub mod service;
 
-pub use self::core::{Again, Driver, DriverConfig, Entry, PendingFault};
+pub use self::core::{Again, Driver, DriverConfig, Entry, PendingFault, Wake};
 pub use metrics::{ActiveApf, ApfReport, DriverCounters, DriverLatency, EnableRecord};
 pub use service::ApfService;

@@ -8,13 +8,13 @@
 //! APF MSRs and the only one that runs it, so its area cannot move or change in between.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use apf_abi::area::{REASON_OFFSET, TOKEN_OFFSET};
 use apf_host::{Action, SavedState};
 
-use super::core::{Again, Driver, DriverConfig};
+use super::core::{Again, Driver, DriverConfig, Wake};
 use super::metrics::ApfReport;
 use crate::error::{Result, VmmError};
 use crate::exit::MsrRefused;
@@ -22,8 +22,10 @@ use crate::kick::{DelayedKicks, Kicker};
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::{self, Vm};
 
-/// How long to wait before retrying a delivery the guest could not take yet (IF = 0, a
-/// reason not consumed, one exception per entry): one kick, one exit, one new entry.
+/// How long to wait before looking again at a delivery the guest's area holds (a reason it
+/// has not consumed, a v2 token slot it has not freed): one kick, one exit, one new entry.
+/// Deliveries its interrupt state holds wait for an interrupt window instead, which comes
+/// at the first moment the guest can take them.
 pub const RETRY_DELAY: Duration = Duration::from_micros(500);
 
 /// The driver and the world it acts on.
@@ -35,6 +37,10 @@ pub struct ApfService {
     kickers: Vec<Kicker>,
     vm: Arc<Vm>,
     retry: DelayedKicks,
+    /// Set when the VM pauses for a snapshot: no page-ready goes out from another thread
+    /// any more (it would change the guest's area and LAPIC while their state is saved).
+    /// Held for reading across such a delivery, so a pause waits for one in progress.
+    frozen: RwLock<bool>,
 }
 
 impl ApfService {
@@ -47,6 +53,7 @@ impl ApfService {
             kickers,
             vm,
             retry: DelayedKicks::start()?,
+            frozen: RwLock::new(false),
         })
     }
 
@@ -57,6 +64,12 @@ impl ApfService {
     fn wake(&self, vcpu: usize) {
         self.attention[vcpu].store(true, Ordering::Release);
         self.kickers[vcpu].kick();
+    }
+
+    /// Stops page-readies from going out from other threads than the vCPUs' (a pause for a
+    /// snapshot begins); waits for one in progress.
+    pub fn freeze(&self) {
+        *self.frozen.write().unwrap_or_else(PoisonError::into_inner) = true;
     }
 
     /// Loads the APF MSRs of a snapshot before the first entry (each enabled vCPU gets the
@@ -92,12 +105,54 @@ impl ApfService {
         }
     }
 
-    /// Pager thread: `gpa`'s page is mapped. Kicks the vCPUs that have a page-ready now.
+    /// Pager thread: `gpa`'s page is mapped. A v2 vCPU with a page-ready due gets it from
+    /// here when its area is in RAM (the vCPU stays in the guest); any other is kicked.
     pub fn page_mapped(&self, gpa: u64, at: Instant) {
-        let kick = self.lock().page_mapped(gpa, at);
-        for v in kick {
-            self.wake(v);
+        let wakes = self.lock().page_mapped(gpa, at);
+        for w in wakes {
+            match w {
+                Wake::Kick(v) => self.wake(v),
+                Wake::Deliver { vcpu, area } => {
+                    if let Err(e) = self.deliver_now(vcpu, area) {
+                        tracing::error!(%e, vcpu, "page-ready from the pager thread failed; kicking");
+                        self.wake(vcpu);
+                    }
+                }
+            }
         }
+    }
+
+    /// Hands vCPU `vcpu` its v2 page-ready from this (non-vCPU) thread: reads the token slot
+    /// of its area (resident: the driver said so; the lock is not held), lets the driver
+    /// decide, writes the token and raises the interrupt. Kicks the vCPU when the driver
+    /// leaves it to the vCPU.
+    fn deliver_now(&self, vcpu: usize, area: u64) -> Result<()> {
+        let frozen = self.frozen.read().unwrap_or_else(PoisonError::into_inner);
+        if *frozen {
+            // A pause is under way: the page-ready stays queued (a snapshot does not keep
+            // it; the restore's wake-all stands in for it).
+            return Ok(());
+        }
+        let slot = self.vm.ram().read_u32(area + TOKEN_OFFSET)?;
+        let Some(actions) = self.lock().deliver_now(vcpu, slot, Instant::now()) else {
+            self.wake(vcpu);
+            return Ok(());
+        };
+        for action in actions {
+            match action {
+                Action::WriteArea { gpa, value, .. } => self.vm.ram().write_u32(gpa, value)?,
+                Action::RaiseInterrupt { vcpu: v, vector } => {
+                    vm::signal_msi(self.vm.fd(), u32::try_from(v).unwrap_or(u32::MAX), vector)?;
+                }
+                // A v2 page-ready never injects an exception; should the engine ever say
+                // otherwise, the vCPU's own thread is where an injection belongs.
+                Action::InjectPf { .. } => {
+                    tracing::error!(?action, "an exception for another thread to inject");
+                    self.wake(vcpu);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// vCPU thread, before `KVM_RUN`: true when the driver may have work for this entry.
@@ -105,9 +160,11 @@ impl ApfService {
         self.attention[vcpu].load(Ordering::Acquire)
     }
 
-    /// vCPU thread, out of `KVM_RUN`: asks the driver what to inject and does it.
-    /// `completion_pending`: the exit's instruction still has to complete. Returns whether
-    /// the vCPU must come back right after the completion (re-enter with `immediate_exit`).
+    /// vCPU thread, out of `KVM_RUN`: asks the driver what to inject and does it, and
+    /// arranges for the vCPU to come back when work is left: an interrupt window when the
+    /// guest's state holds it, a retry a little later when its area does. Returns whether
+    /// the vCPU must come back right after the completion of the exit's instruction
+    /// (re-enter with `immediate_exit`).
     pub fn entry(&self, vcpu: &mut Vcpu) -> Result<bool> {
         let i = vcpu.index() as usize;
         if !self.attention[i].swap(false, Ordering::AcqRel) {
@@ -126,18 +183,16 @@ impl ApfService {
         for action in plan.actions {
             self.perform(vcpu, action)?;
         }
-        match plan.again {
-            Again::No => Ok(false),
-            Again::AfterCompletion => {
-                self.attention[i].store(true, Ordering::Release);
-                Ok(true)
-            }
-            Again::WhenInjectable => {
-                self.attention[i].store(true, Ordering::Release);
-                self.retry.kick_after(&self.kickers[i], RETRY_DELAY);
-                Ok(false)
-            }
+        vcpu.request_window(plan.again == Again::WhenInjectable);
+        if plan.again != Again::No {
+            self.attention[i].store(true, Ordering::Release);
         }
+        match plan.again {
+            Again::AfterCompletion => return Ok(true),
+            Again::Later => self.retry.kick_after(&self.kickers[i], RETRY_DELAY),
+            Again::No | Again::WhenInjectable => {}
+        }
+        Ok(false)
     }
 
     /// Carries out one engine action for the calling vCPU.

@@ -78,6 +78,12 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(u8::from(on));
     }
 
+    /// Asks KVM to exit (`KVM_EXIT_IRQ_WINDOW_OPEN`) as soon as the guest can take an
+    /// injection (IF = 1, no interrupt shadow, nothing pending), or stops asking.
+    pub fn request_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
     /// True when the last exit's instruction completes at the next `KVM_RUN`.
     pub fn completion_pending(&self) -> bool {
         self.completion_pending
@@ -135,11 +141,11 @@ impl Vcpu {
             VcpuExit::Debug(_) => Exit::Other("KVM_EXIT_DEBUG"),
             VcpuExit::Exception => Exit::Other("KVM_EXIT_EXCEPTION"),
             VcpuExit::Unknown => Exit::Other("KVM_EXIT_UNKNOWN"),
-            VcpuExit::IrqWindowOpen => Exit::Other("KVM_EXIT_IRQ_WINDOW_OPEN"),
+            VcpuExit::IrqWindowOpen => Exit::WindowOpen,
             VcpuExit::MemoryFault { .. } => Exit::Other("KVM_EXIT_MEMORY_FAULT"),
             _ => Exit::Other("an exit reason apfvm does not handle"),
         };
-        self.completion_pending = !matches!(exit, Exit::Interrupted);
+        self.completion_pending = !matches!(exit, Exit::Interrupted | Exit::WindowOpen);
         Ok(exit)
     }
 

@@ -41,7 +41,33 @@ pub const SAVED_MSRS: &[u32] = &[
     0xc000_0103, // TSC_AUX
 ];
 
+/// The LAPIC register LVT0 (local interrupt 0).
+const APIC_LVT0: usize = 0x350;
+/// LVT0 delivering ExtINT, unmasked.
+const LVT0_EXTINT: u32 = 0x700;
+
 impl Vcpu {
+    /// Programs LVT0 as ExtINT, unmasked: with the split irqchip, KVM reports an interrupt
+    /// window (`request_interrupt_window`) only while the LAPIC would accept an interrupt
+    /// from the (userspace) PIC. There is no PIC, so nothing ever arrives through it; a vCPU
+    /// other than 0 comes out of `KVM_CREATE_VCPU` with LVT0 masked, and a snapshot may hold
+    /// either (docs/host.md, "Interrupt windows").
+    fn accept_interrupt_windows(&self) -> Result<()> {
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(VmmError::kvm("KVM_GET_LAPIC"))?;
+        for (dst, src) in lapic.regs[APIC_LVT0..APIC_LVT0 + 4]
+            .iter_mut()
+            .zip(LVT0_EXTINT.to_le_bytes())
+        {
+            *dst = src.cast_signed();
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(VmmError::kvm("KVM_SET_LAPIC"))
+    }
+
     /// Creates vCPU `index` and puts it in the boot state of guest-abi's "Entry".
     pub fn create(
         kvm: &Kvm,
@@ -57,6 +83,7 @@ impl Vcpu {
         let vcpu = Vcpu::new(index, fd, vm);
         vcpu.set_cpuid(kvm, apf, vcpus)?;
         vcpu.set_boot_state(entry)?;
+        vcpu.accept_interrupt_windows()?;
         Ok(vcpu)
     }
 
@@ -74,6 +101,7 @@ impl Vcpu {
         let vcpu = Vcpu::new(saved.index, fd, vm);
         vcpu.set_cpuid(kvm, apf, vcpus)?;
         vcpu.load_state(saved)?;
+        vcpu.accept_interrupt_windows()?;
         Ok(vcpu)
     }
 

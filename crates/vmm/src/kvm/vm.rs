@@ -1,8 +1,9 @@
-//! Creating and configuring the VM: capabilities, MSR filter, in-kernel irqchip, memory.
+//! Creating and configuring the VM: capabilities, MSR filter, irqchip, memory.
 //!
-//! # `hlt` and the in-kernel irqchip (a documented choice)
-//! The VM uses KVM's in-kernel irqchip (LAPIC): page-ready interrupts are `KVM_SIGNAL_MSI`
-//! and the guest's LAPIC timer is KVM's. A guest `hlt` then sleeps in the kernel
+//! # `hlt` and the in-kernel LAPIC (a documented choice)
+//! The VM uses KVM's split irqchip: LAPICs in the kernel (page-ready interrupts are
+//! `KVM_SIGNAL_MSI`, the guest's LAPIC timer is KVM's), no PIC, IOAPIC or PIT, so that
+//! `request_interrupt_window` works. A guest `hlt` then sleeps in the kernel
 //! ([`HaltMode::InKernel`], the default for a boot). docs/host.md ("the trap") shows that with an
 //! in-kernel LAPIC and IF = 1, KVM resolves missing userfaultfd pages in a kworker, hiding
 //! which vCPU faulted; every restore therefore uses [`HaltMode::NoExit`]
@@ -10,8 +11,9 @@
 //! `--apf kernel`, which wants exactly KVM's kworker path (see `crate::restore`).
 
 use kvm_bindings::{
-    KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_X86_DISABLE_EXITS, KVM_CAP_X86_USER_SPACE_MSR,
-    KVM_MSR_EXIT_REASON_FILTER, KVM_X86_DISABLE_EXITS_HLT, kvm_enable_cap,
+    KVM_CAP_EXCEPTION_PAYLOAD, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_DISABLE_EXITS,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER, KVM_X86_DISABLE_EXITS_HLT,
+    kvm_enable_cap,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
@@ -21,6 +23,9 @@ use crate::config::HaltMode;
 use crate::error::{Result, VmmError};
 use crate::kvm::msr_filter;
 use crate::memory::GuestRam;
+
+/// IOAPIC pins routed to userspace by the split irqchip (none is used).
+const IOAPIC_PINS: u64 = 24;
 
 /// The KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -73,7 +78,7 @@ impl Vm {
         ram: Arc<GuestRam>,
     ) -> Result<Vm> {
         for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP"),
             (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
             (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
             (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
@@ -109,9 +114,16 @@ impl Vm {
                 u64::from(KVM_X86_DISABLE_EXITS_HLT),
             )?;
         }
-        // Before any vCPU: the vCPUs get in-kernel LAPICs.
-        vm.create_irq_chip()
-            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        // Before any vCPU: the vCPUs get in-kernel LAPICs; the PIC and IOAPIC are not
+        // emulated (the guest uses neither). With the PIC out of the kernel,
+        // `request_interrupt_window` works: the APF driver asks for an exit at the first
+        // moment the guest can take the next injection (docs/host.md, "Interrupt windows").
+        enable_cap(
+            &vm,
+            "KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
+            KVM_CAP_SPLIT_IRQCHIP,
+            IOAPIC_PINS,
+        )?;
         ram.register(&vm)?;
         Ok(Vm { fd: vm, ram })
     }
@@ -138,29 +150,5 @@ pub fn signal_msi(vm: &VmFd, apic_id: u32, vector: u8) -> Result<()> {
     };
     vm.signal_msi(msi)
         .map_err(VmmError::kvm("KVM_SIGNAL_MSI"))?;
-    Ok(())
-}
-
-/// The in-kernel interrupt controllers' state: PIC master (0), PIC slave (1), IOAPIC (2).
-pub fn get_irqchips(vm: &VmFd) -> Result<Vec<kvm_bindings::kvm_irqchip>> {
-    (0..3)
-        .map(|chip_id| {
-            let mut chip = kvm_bindings::kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            vm.get_irqchip(&mut chip)
-                .map_err(VmmError::kvm("KVM_GET_IRQCHIP"))?;
-            Ok(chip)
-        })
-        .collect()
-}
-
-/// Loads saved interrupt controller state (after `KVM_CREATE_IRQCHIP`).
-pub fn set_irqchips(vm: &VmFd, chips: &[kvm_bindings::kvm_irqchip]) -> Result<()> {
-    for chip in chips {
-        vm.set_irqchip(chip)
-            .map_err(VmmError::kvm("KVM_SET_IRQCHIP"))?;
-    }
     Ok(())
 }

@@ -92,6 +92,7 @@ fn shared_state(
     vm: &Arc<Vm>,
     vcpus: usize,
     apf_state: Option<&SavedState>,
+    memory: &Memory,
     opts: &RunOptions,
 ) -> Result<Shared> {
     let kickers: Vec<Kicker> = (0..vcpus).map(|_| Kicker::new()).collect();
@@ -107,6 +108,10 @@ fn shared_state(
         DriverConfig {
             engine,
             faults_to_apf: opts.apf.faults_to_apf,
+            lazy: match memory {
+                Memory::Resident => Vec::new(),
+                Memory::Lazy(plan) => vec![plan.range.clone()],
+            },
         },
         Arc::clone(vm),
         kickers.clone(),
@@ -172,6 +177,7 @@ impl Session {
             &vm,
             vcpus.len(),
             apf_state.as_ref(),
+            &memory,
             opts,
         )?);
         let lazy = match memory {

@@ -88,6 +88,7 @@ impl Shared {
                 *t = Some(trigger);
             }
         }
+        self.apf.freeze();
         self.pause.store(true, Ordering::SeqCst);
         for k in &self.kickers {
             k.kick();

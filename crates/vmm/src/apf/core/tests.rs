@@ -7,12 +7,14 @@ use apf_abi::PvFeatures;
 use apf_abi::msr::{MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT};
 use apf_host::{Action, EngineConfig, FallbackReason, RamMap, VcpuState};
 
-use super::{Again, Driver, DriverConfig, Entry};
+use super::{Again, Driver, DriverConfig, Entry, Wake};
 
 const RAM: u64 = 64 << 20;
 const PAGE: u64 = 0x200_0000;
 const OTHER: u64 = 0x300_0000;
 const VECTOR: u8 = 0xf3;
+/// What the tests' guests serve lazily (their areas, at 0x7000, are below).
+const LAZY: std::ops::Range<u64> = 0x100_0000..RAM;
 /// Thread id of vCPU `v`'s thread.
 fn tid(v: usize) -> u32 {
     1000 + u32::try_from(v).unwrap()
@@ -34,6 +36,7 @@ fn driver(features: PvFeatures, vcpus: usize, config: impl FnOnce(&mut EngineCon
     let mut d = Driver::new(DriverConfig {
         engine,
         faults_to_apf: true,
+        lazy: vec![LAZY],
     });
     for v in 0..vcpus {
         d.vcpu_thread(v, tid(v));
@@ -75,6 +78,17 @@ fn v2(vcpus: usize) -> Driver {
         d.msr_write(v, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
     }
     d
+}
+
+/// The vCPUs a page arrival kicks (none may be handed its page-ready from the pager).
+fn kicks(wakes: Vec<Wake>) -> Vec<usize> {
+    wakes
+        .into_iter()
+        .map(|w| match w {
+            Wake::Kick(v) => v,
+            Wake::Deliver { .. } => panic!("delivered from the pager thread: {w:?}"),
+        })
+        .collect()
 }
 
 /// The CR2 of the #PF an entry injects.
@@ -147,6 +161,7 @@ fn faults_are_not_kicked_when_apf_is_off() {
     let mut d = Driver::new(DriverConfig {
         engine: EngineConfig::new(PvFeatures::SEED, 1, RamMap::single(0..RAM)),
         faults_to_apf: false,
+        lazy: vec![LAZY],
     });
     d.vcpu_thread(0, tid(0));
     assert_eq!(d.fault_reported(tid(0), PAGE, t(0), false), None);
@@ -224,7 +239,7 @@ fn second_fault_on_an_in_flight_page_from_another_vcpu_gets_its_own_token() {
     assert_ne!(a, b);
     assert_eq!(d.engine().tokens_on_page(PAGE).len(), 2);
     // Both become ready together; each owner is kicked.
-    assert_eq!(d.page_mapped(PAGE, t(9)), [0, 1]);
+    assert_eq!(kicks(d.page_mapped(PAGE, t(9))), [0, 1]);
     let ea = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(10));
     let eb = d.entry(1, with_area(&d, 1, VcpuState::USER, 0, 0), true, t(10));
     assert_eq!((injected(&ea), injected(&eb)), (Some(a), Some(b)));
@@ -291,7 +306,7 @@ fn a_synchronous_fault_is_not_kicked_again_until_its_page_arrives() {
 fn v1_page_ready_while_the_guest_has_if_0_is_held_then_delivered() {
     let mut d = v1(1);
     let token = not_present(&mut d, 0, PAGE, t(0));
-    assert_eq!(d.page_mapped(PAGE, t(100)), [0]);
+    assert_eq!(kicks(d.page_mapped(PAGE, t(100))), [0]);
     let cli = VcpuState {
         interrupts_enabled: false,
         ..VcpuState::USER
@@ -312,7 +327,11 @@ fn v1_page_ready_never_overwrites_an_unconsumed_reason() {
     d.page_mapped(PAGE, t(1));
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 1, 0), true, t(2));
     assert!(e.actions.is_empty());
-    assert_eq!(e.again, Again::WhenInjectable);
+    assert_eq!(
+        e.again,
+        Again::Later,
+        "the guest's area holds it, not its interrupt state"
+    );
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
     assert_eq!(injected(&e), Some(token));
 }
@@ -322,8 +341,8 @@ fn page_mapped_kicks_only_the_owners_of_its_tokens() {
     let mut d = v1(3);
     not_present(&mut d, 1, PAGE, t(0));
     not_present(&mut d, 2, OTHER, t(0));
-    assert_eq!(d.page_mapped(PAGE, t(1)), [1]);
-    assert_eq!(d.page_mapped(PAGE + 0x1000, t(1)), Vec::<usize>::new());
+    assert_eq!(kicks(d.page_mapped(PAGE, t(1))), [1]);
+    assert!(d.page_mapped(PAGE + 0x1000, t(1)).is_empty());
     assert_eq!(d.counters().ready_kicks, 1);
     assert!(d.has_work(1) && !d.has_work(0) && !d.has_work(2));
 }
@@ -333,14 +352,20 @@ fn v2_page_ready_writes_the_token_raises_the_vector_and_waits_for_the_ack() {
     let mut d = v2(1);
     let a = not_present(&mut d, 0, PAGE, t(0));
     let b = not_present(&mut d, 0, OTHER, t(1));
-    assert_eq!(d.page_mapped(PAGE, t(2)), [0]);
+    assert_eq!(
+        d.page_mapped(PAGE, t(2)),
+        [Wake::Deliver {
+            vcpu: 0,
+            area: area(0)
+        }],
+        "the area is in RAM: the pager thread hands the page-ready out"
+    );
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
     assert_eq!(raised(&e), Some(a));
     assert_eq!(e.again, Again::No, "the ACK brings the vCPU back");
-    assert_eq!(
-        d.page_mapped(OTHER, t(3)),
-        Vec::<usize>::new(),
-        "no kick before the ACK"
+    assert!(
+        d.page_mapped(OTHER, t(3)).is_empty(),
+        "nothing before the ACK"
     );
     // Nothing more until the guest frees the slot and ACKs.
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, a), true, t(4));
@@ -411,7 +436,7 @@ fn disable_with_faults_outstanding_delivers_nothing_for_them() {
             !d.engine()
                 .is_outstanding(apf_abi::Token::new(token).unwrap())
         );
-        assert_eq!(d.page_mapped(PAGE, t(1)), Vec::<usize>::new());
+        assert!(d.page_mapped(PAGE, t(1)).is_empty());
         assert!(!d.has_work(0));
         assert_eq!(d.report().outstanding_at_end, 0);
     }
@@ -557,7 +582,7 @@ fn every_token_is_answered_once_in_a_fault_storm() {
     }
     let mut delivered = Vec::new();
     for i in (0..8u64).rev() {
-        for v in d.page_mapped(PAGE + (i << 12), t(100 + i)) {
+        for v in kicks(d.page_mapped(PAGE + (i << 12), t(100 + i))) {
             loop {
                 let e = d.entry(v, with_area(&d, v, VcpuState::USER, 0, 0), true, t(200));
                 delivered.extend(injected(&e));
@@ -571,4 +596,92 @@ fn every_token_is_answered_once_in_a_fault_storm() {
     tokens.sort_unstable();
     assert_eq!(delivered, tokens);
     assert_eq!(d.report().outstanding_at_end, 0);
+}
+
+#[test]
+fn v2_page_ready_goes_out_from_the_pager_thread_when_the_area_is_in_ram() {
+    let mut d = v2(1);
+    let a = not_present(&mut d, 0, PAGE, t(0));
+    let wakes = d.page_mapped(PAGE, t(10));
+    assert_eq!(
+        wakes,
+        [Wake::Deliver {
+            vcpu: 0,
+            area: area(0)
+        }]
+    );
+    let actions = d.deliver_now(0, 0, t(12)).expect("the slot is free");
+    assert_eq!(
+        actions,
+        [
+            Action::WriteArea {
+                vcpu: 0,
+                gpa: area(0) + 4,
+                value: a
+            },
+            Action::RaiseInterrupt {
+                vcpu: 0,
+                vector: VECTOR
+            },
+        ]
+    );
+    assert_eq!(d.counters().direct_readies, 1);
+    assert_eq!(d.counters().ready_kicks, 0, "no exit needed");
+    assert!(d.latency().ready_delivery.summary().p50_ns >= 1_900);
+    // Until the ACK nothing else goes, from any thread.
+    assert_eq!(d.deliver_now(0, 0, t(13)), None);
+}
+
+#[test]
+fn v2_page_ready_with_the_slot_still_busy_is_left_to_the_vcpu() {
+    let mut d = v2(1);
+    let a = not_present(&mut d, 0, PAGE, t(0));
+    // The guest freed the slot of its last ready but has not written it back to 0 yet
+    // (its handler runs): the pager thread leaves the delivery to the vCPU.
+    d.page_mapped(PAGE, t(1));
+    assert_eq!(d.deliver_now(0, 0xdead, t(2)), None);
+    assert_eq!(d.counters().ready_kicks, 1);
+    let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
+    assert_eq!(raised(&e), Some(a));
+}
+
+#[test]
+fn v2_area_in_lazy_memory_is_written_by_the_vcpu_until_it_arrived() {
+    // The area lies in the lazily served range: reading it from the pager thread could
+    // fault on a page only that thread can map. The vCPU takes its readies itself.
+    let lazy_area = LAZY.start + 0x40;
+    let mut d = driver(PvFeatures::MODERN, 1, |_| {});
+    d.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR))
+        .unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, lazy_area | 9).unwrap();
+    let e = d.entry(0, VcpuState::USER, true, t(0));
+    assert_eq!(raised(&e), Some(0xffff_ffff));
+    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+    let tok = not_present(&mut d, 0, PAGE, t(1));
+    assert_eq!(d.page_mapped(PAGE, t(2)), [Wake::Kick(0)]);
+    let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
+    assert_eq!(raised(&e), Some(tok));
+    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+    // Once the area's page is in RAM, the pager thread may deliver.
+    d.page_mapped(lazy_area, t(4));
+    not_present(&mut d, 0, OTHER, t(5));
+    assert_eq!(
+        d.page_mapped(OTHER, t(6)),
+        [Wake::Deliver {
+            vcpu: 0,
+            area: lazy_area
+        }]
+    );
+}
+
+#[test]
+fn v1_page_ready_is_always_the_vcpus_own_to_inject() {
+    let mut d = v1(1);
+    not_present(&mut d, 0, PAGE, t(0));
+    assert_eq!(d.page_mapped(PAGE, t(1)), [Wake::Kick(0)]);
+    assert_eq!(
+        d.deliver_now(0, 0, t(2)),
+        None,
+        "a #PF cannot come from another thread"
+    );
 }
