@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::{HOSTILE_CASES, MAX_CPUS, MAX_TASKS};
 use harness::bench::{Mode, PREFETCH_ALL, Source};
 use pager::{FetchLatency, NbdUrl, Prefetch};
-use vmm::{ApfMode, ApfPath, HaltMode};
+use vmm::{ApfMode, ApfPath, ApfPolicy, HaltMode};
 
 use crate::status;
 use crate::values::{self, MAX_COMPUTE_MS};
@@ -247,6 +247,11 @@ pub struct RestoreArgs {
     /// Who turns a missing page into an APF (lazy restores).
     #[arg(long, value_enum, default_value_t = RestoreApf::On)]
     pub apf: RestoreApf,
+    /// With --apf on: when a fault becomes an APF. adaptive: only when the page is expected
+    /// later than an APF cycle costs this vCPU (both measured as the guest runs; the others
+    /// wait for their page, counted as short_wait); always: every fault the protocol allows.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Adaptive)]
+    pub apf_policy: PolicyArg,
     /// Delay per page fetch (lazy restores): see FETCH LATENCY.
     #[arg(long, allow_hyphen_values = true, default_value = "0", value_parser = values::fetch_latency)]
     pub fetch_latency: FetchLatency,
@@ -448,6 +453,24 @@ impl From<ApfArg> for ApfMode {
             ApfArg::Off => ApfMode::Off,
             ApfArg::V1 => ApfMode::V1,
             ApfArg::V2 => ApfMode::V2,
+        }
+    }
+}
+
+/// `--apf-policy` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Every fault the protocol allows becomes an APF.
+    Always,
+    /// An APF only when the page is expected later than an APF cycle costs.
+    Adaptive,
+}
+
+impl From<PolicyArg> for ApfPolicy {
+    fn from(a: PolicyArg) -> ApfPolicy {
+        match a {
+            PolicyArg::Always => ApfPolicy::Always,
+            PolicyArg::Adaptive => ApfPolicy::Adaptive,
         }
     }
 }

@@ -139,6 +139,7 @@ pub fn restore(args: &RestoreArgs, sigusr1: Option<Arc<AtomicBool>>) -> anyhow::
     let mut opts = RestoreOptions::new(&args.dir);
     opts.lazy = args.lazy;
     opts.apf = args.apf.into();
+    opts.apf_policy = args.apf_policy.into();
     opts.fetch_latency = args.fetch_latency;
     opts.prefetch = args.prefetch;
     opts.source = SourceOptions {

@@ -39,6 +39,7 @@ pub mod snapshot;
 pub mod source;
 pub mod workload;
 
+pub use apf::ApfPolicy;
 pub use config::{ApfMode, ApfPath, HaltMode, VmConfig};
 pub use error::{Result, VmmError};
 pub use machine::Machine;

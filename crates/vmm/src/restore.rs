@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use guest_abi::WORKLOAD_GPA;
 use pager::{FetchLatency, PageSource, Prefetch};
 
+use crate::apf::ApfPolicy;
 use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
 use crate::lazy::LazyPlan;
@@ -55,6 +56,8 @@ pub struct RestoreOptions {
     pub snapshot: Option<SnapshotPlan>,
     /// The engine's limit of outstanding APFs per vCPU (`None`: Linux's 64).
     pub apf_max_outstanding: Option<usize>,
+    /// When a fault becomes an APF (`--apf-policy`).
+    pub apf_policy: ApfPolicy,
     /// Stop (and leave nothing behind) when this flag is raised (see
     /// [`RunOptions::interrupt`]).
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -75,6 +78,7 @@ impl RestoreOptions {
             echo_console: false,
             snapshot: None,
             apf_max_outstanding: None,
+            apf_policy: ApfPolicy::default(),
             interrupt: None,
         }
     }
@@ -143,6 +147,7 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         apf: ApfOptions {
             faults_to_apf: opts.lazy && opts.apf == ApfPath::Userspace,
             max_outstanding: opts.apf_max_outstanding,
+            policy: opts.apf_policy,
         },
         interrupt: opts.interrupt.clone(),
     };

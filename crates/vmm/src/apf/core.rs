@@ -20,17 +20,18 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use apf_abi::{AsyncPfEn, Token, Version};
 use apf_host::{
-    Action, Delivery, Engine, EngineConfig, FaultOutcome, HoldReason, SavedState, VcpuState,
-    page_of,
+    Action, Delivery, Engine, EngineConfig, FallbackReason, FaultOutcome, HoldReason, SavedState,
+    VcpuState, page_of,
 };
 
 use super::metrics::{
     ActiveApf, ApfReport, DriverCounters, DriverLatency, EnableRecord, version_number,
 };
+use super::policy::{ApfPolicy, Choice, Policy};
 
 /// Most `_EN` writes remembered for the report.
 const MAX_ENABLE_RECORDS: usize = 256;
@@ -46,6 +47,8 @@ pub struct DriverConfig {
     /// The guest-physical ranges served lazily (a page there is in RAM once it arrived;
     /// everywhere else it is in RAM from the start).
     pub lazy: Vec<Range<u64>>,
+    /// When a fault becomes an APF (`--apf-policy`).
+    pub policy: ApfPolicy,
 }
 
 /// A fault reported by the pager, waiting for its vCPU's thread to take it.
@@ -128,12 +131,17 @@ pub struct Driver {
     enables: Vec<EnableRecord>,
     /// Why the last delivery window of the current entry was held.
     last_hold: Option<HoldReason>,
+    /// The current entry sampled a handler's cost: come back when the guest can take an
+    /// interrupt, which is when its handler is done.
+    probe: bool,
+    policy: Policy,
 }
 
 impl Driver {
     /// A driver for a VM whose vCPUs are all just powered on.
     pub fn new(config: DriverConfig) -> Driver {
         let vcpus = vec![Record::default(); config.engine.vcpus];
+        let policy = Policy::new(config.policy, config.engine.vcpus);
         Driver {
             engine: Engine::new(config.engine),
             vcpus,
@@ -145,6 +153,8 @@ impl Driver {
             mapped_at: HashMap::new(),
             enables: Vec::new(),
             last_hold: None,
+            probe: false,
+            policy,
         }
     }
 
@@ -185,6 +195,7 @@ impl Driver {
                 })
                 .collect(),
             enables: self.enables.clone(),
+            policy: self.policy.report(),
         }
     }
 
@@ -251,6 +262,29 @@ impl Driver {
             c.sync_waits += 1;
             return None;
         }
+        // The policy: is the page due sooner than an APF would cost this vCPU? Then the
+        // vCPU is not kicked at all and waits for it in KVM.
+        let age = self
+            .first_fault
+            .get(&page)
+            .map_or(Duration::ZERO, |&t0| at.saturating_duration_since(t0));
+        if let Choice::Wait { remaining, cycle } = self.policy.choose(v, age) {
+            tracing::debug!(
+                vcpu = v,
+                page = format_args!("{page:#x}"),
+                ?remaining,
+                ?cycle,
+                "waiting: sooner than an APF"
+            );
+            // The vCPU is blocked on this page now, not on the one of a kick in flight.
+            r.fault = None;
+            r.sync_page = Some(page);
+            if let Err(e) = self.engine.decline(v, page, FallbackReason::ShortWait) {
+                tracing::error!(%e, "declined a fault for a vCPU the engine does not have");
+            }
+            return None;
+        }
+        let r = &mut self.vcpus[v];
         let Some(old) = r.fault.replace(PendingFault { page, at }) else {
             c.fault_kicks += 1;
             return Some(v);
@@ -275,7 +309,9 @@ impl Driver {
         let page = page_of(gpa);
         self.counters.pages_mapped += 1;
         if let Some(t0) = self.first_fault.remove(&page) {
-            self.latency.fetch.record(at.saturating_duration_since(t0));
+            let fetch = at.saturating_duration_since(t0);
+            self.latency.fetch.record(fetch);
+            self.policy.fetched(fetch);
         }
         let tokens = self.engine.tokens_on_page(page).to_vec();
         for r in &mut self.vcpus {
@@ -372,6 +408,10 @@ impl Driver {
     ) -> Entry {
         self.counters.entries += 1;
         self.last_hold = None;
+        self.probe = false;
+        if state.interrupts_enabled && !state.interrupt_shadow {
+            self.policy.injectable(vcpu, now);
+        }
         let mut actions = Vec::new();
         let mut exception_free = exception_allowed;
         let v1 = self.engine.version(vcpu) == Some(Version::V1);
@@ -408,7 +448,11 @@ impl Driver {
         let again = if fault_left || (pending && !exception_allowed) {
             Again::AfterCompletion
         } else if !pending {
-            Again::No
+            if self.probe {
+                Again::WhenInjectable
+            } else {
+                Again::No
+            }
         } else if matches!(
             self.last_hold,
             Some(HoldReason::ReasonNotConsumed | HoldReason::TokenSlotBusy)
@@ -443,6 +487,7 @@ impl Driver {
                 self.latency
                     .fault_to_apf
                     .record(now.saturating_duration_since(f.at));
+                self.probe |= self.policy.injected(vcpu, f.at, now);
                 *exception_free = false;
             }
             Ok(FaultOutcome::AlreadyPresent) => {
@@ -480,10 +525,15 @@ impl Driver {
                 // The tokens it covered will never be delivered.
                 let engine = &self.engine;
                 self.mapped_at.retain(|t, _| engine.is_outstanding(*t));
-            } else if let Some(t0) = self.mapped_at.remove(&token) {
-                self.latency
-                    .ready_delivery
-                    .record(now.saturating_duration_since(t0));
+            } else {
+                if let Some(t0) = self.mapped_at.remove(&token) {
+                    self.latency
+                        .ready_delivery
+                        .record(now.saturating_duration_since(t0));
+                }
+                // v1: timed to the end of its handler (an interrupt window); v2: to its ACK.
+                let sampled = self.policy.ready_out(vcpu, now);
+                self.probe |= sampled && self.engine.version(vcpu) == Some(Version::V1);
             }
         }
         let before = actions.len();
@@ -508,10 +558,14 @@ impl Driver {
         vcpu: usize,
         msr: u32,
         value: u64,
+        now: Instant,
     ) -> Result<bool, apf_host::Error> {
         self.counters.msr_exits += 1;
         let features = self.engine.config().features;
         self.engine.msr_write(vcpu, msr, value)?;
+        if msr == apf_abi::msr::MSR_KVM_ASYNC_PF_ACK && value == 1 {
+            self.policy.acked(vcpu, now);
+        }
         if msr == apf_abi::msr::MSR_KVM_ASYNC_PF_EN
             && let Ok(en) = AsyncPfEn::parse(value, features)
         {

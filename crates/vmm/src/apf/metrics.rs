@@ -3,6 +3,8 @@
 use apf_abi::{AsyncPfEn, Version};
 use pager::Latency;
 
+use super::policy::PolicyReport;
+
 /// Every decision of the driver (the engine counts its own: `apf_host::Counters`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DriverCounters {
@@ -106,6 +108,8 @@ pub struct ApfReport {
     pub active: Vec<Option<ActiveApf>>,
     /// Every valid `_EN` write, in order (at most the first 256).
     pub enables: Vec<EnableRecord>,
+    /// What the APF policy measured: fetch time, each vCPU's APF cycle in parts.
+    pub policy: PolicyReport,
 }
 
 /// `Version` as the number the protocol's documents use.

@@ -15,12 +15,16 @@
 //! - [`core`]: the decisions, pure (events in, decisions out), unit-tested with fabricated
 //!   sequences.
 //! - [`service`]: the driver behind one mutex, and the thin executor on KVM.
+//! - [`policy`]: when a fault becomes an APF (`--apf-policy`), from measured fetch and APF
+//!   cycle times.
 //! - [`metrics`]: what it counts and times, serialized as is into the report.
 
 pub mod core;
 pub mod metrics;
+pub mod policy;
 pub mod service;
 
 pub use self::core::{Again, Driver, DriverConfig, Entry, PendingFault, Wake};
 pub use metrics::{ActiveApf, ApfReport, DriverCounters, DriverLatency, EnableRecord};
+pub use policy::{ApfPolicy, PolicyReport};
 pub use service::ApfService;

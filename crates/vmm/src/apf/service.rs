@@ -220,7 +220,7 @@ impl ApfService {
         let i = vcpu.index() as usize;
         let pending = self
             .lock()
-            .msr_write(i, msr, value)
+            .msr_write(i, msr, value, Instant::now())
             .map_err(|e| MsrRefused(e.to_string()))?;
         if pending {
             self.attention[i].store(true, Ordering::Release);

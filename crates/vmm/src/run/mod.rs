@@ -23,7 +23,7 @@ use apf_host::{EngineConfig, RamMap, SavedState};
 use guest_abi::{COUNTERS_GPA, COUNTERS_MAGIC, Counters};
 use pager::PagerObserver;
 
-use crate::apf::{ApfService, DriverConfig};
+use crate::apf::{ApfPolicy, ApfService, DriverConfig};
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::error::{Result, VmmError};
@@ -58,6 +58,8 @@ pub struct ApfOptions {
     pub faults_to_apf: bool,
     /// The engine's limit of outstanding APFs per vCPU (`None`: Linux's 64).
     pub max_outstanding: Option<usize>,
+    /// When a fault becomes an APF (`--apf-policy`; adaptive by default).
+    pub policy: ApfPolicy,
 }
 
 /// What a run does besides running the guest to its exit.
@@ -112,6 +114,7 @@ fn shared_state(
                 Memory::Resident => Vec::new(),
                 Memory::Lazy(plan) => vec![plan.range.clone()],
             },
+            policy: opts.apf.policy,
         },
         Arc::clone(vm),
         kickers.clone(),

@@ -8,6 +8,7 @@ use apf_abi::msr::{MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_I
 use apf_host::{Action, EngineConfig, FallbackReason, RamMap, VcpuState};
 
 use super::{Again, Driver, DriverConfig, Entry, Wake};
+use crate::apf::policy::ApfPolicy;
 
 const RAM: u64 = 64 << 20;
 const PAGE: u64 = 0x200_0000;
@@ -31,12 +32,22 @@ fn t(us: u64) -> Instant {
 }
 
 fn driver(features: PvFeatures, vcpus: usize, config: impl FnOnce(&mut EngineConfig)) -> Driver {
+    driver_with(ApfPolicy::Always, features, vcpus, config)
+}
+
+fn driver_with(
+    policy: ApfPolicy,
+    features: PvFeatures,
+    vcpus: usize,
+    config: impl FnOnce(&mut EngineConfig),
+) -> Driver {
     let mut engine = EngineConfig::new(features, vcpus, RamMap::single(0..RAM));
     config(&mut engine);
     let mut d = Driver::new(DriverConfig {
         engine,
         faults_to_apf: true,
         lazy: vec![LAZY],
+        policy,
     });
     for v in 0..vcpus {
         d.vcpu_thread(v, tid(v));
@@ -53,10 +64,14 @@ fn with_area(d: &Driver, v: usize, mut s: VcpuState, reason: u32, token: u32) ->
 
 /// A v1 VM: every vCPU enabled and its enable's wake-all delivered and consumed.
 fn v1(vcpus: usize) -> Driver {
-    let mut d = driver(PvFeatures::SEED, vcpus, |_| {});
+    v1_with(ApfPolicy::Always, vcpus)
+}
+
+fn v1_with(policy: ApfPolicy, vcpus: usize) -> Driver {
+    let mut d = driver_with(policy, PvFeatures::SEED, vcpus, |_| {});
     for v in 0..vcpus {
         assert_eq!(
-            d.msr_write(v, MSR_KVM_ASYNC_PF_EN, area(v) | 1),
+            d.msr_write(v, MSR_KVM_ASYNC_PF_EN, area(v) | 1, t(0)),
             Ok(true),
             "wake-all queued"
         );
@@ -68,14 +83,21 @@ fn v1(vcpus: usize) -> Driver {
 
 /// A v2 VM: `_INT` and `_EN` written, the wake-all raised and ACKed.
 fn v2(vcpus: usize) -> Driver {
-    let mut d = driver(PvFeatures::MODERN, vcpus, |_| {});
+    v2_with(ApfPolicy::Always, vcpus)
+}
+
+fn v2_with(policy: ApfPolicy, vcpus: usize) -> Driver {
+    let mut d = driver_with(policy, PvFeatures::MODERN, vcpus, |_| {});
     for v in 0..vcpus {
-        d.msr_write(v, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR))
+        d.msr_write(v, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR), t(0))
             .unwrap();
-        assert_eq!(d.msr_write(v, MSR_KVM_ASYNC_PF_EN, area(v) | 9), Ok(true));
+        assert_eq!(
+            d.msr_write(v, MSR_KVM_ASYNC_PF_EN, area(v) | 9, t(0)),
+            Ok(true)
+        );
         let e = d.entry(v, VcpuState::USER, true, t(0));
         assert_eq!(raised(&e), Some(0xffff_ffff), "{e:?}");
-        d.msr_write(v, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+        d.msr_write(v, MSR_KVM_ASYNC_PF_ACK, 1, t(0)).unwrap();
     }
     d
 }
@@ -162,6 +184,7 @@ fn faults_are_not_kicked_when_apf_is_off() {
         engine: EngineConfig::new(PvFeatures::SEED, 1, RamMap::single(0..RAM)),
         faults_to_apf: false,
         lazy: vec![LAZY],
+        policy: ApfPolicy::Always,
     });
     d.vcpu_thread(0, tid(0));
     assert_eq!(d.fault_reported(tid(0), PAGE, t(0), false), None);
@@ -371,7 +394,7 @@ fn v2_page_ready_writes_the_token_raises_the_vector_and_waits_for_the_ack() {
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, a), true, t(4));
     assert!(e.actions.is_empty());
     assert_eq!(
-        d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1),
+        d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, t(0)),
         Ok(true),
         "the next ready is due"
     );
@@ -431,7 +454,7 @@ fn completion_pending_keeps_the_fault_for_the_entry_after_it() {
 fn disable_with_faults_outstanding_delivers_nothing_for_them() {
     for mut d in [v1(1), v2(1)] {
         let token = not_present(&mut d, 0, PAGE, t(0));
-        assert_eq!(d.msr_write(0, MSR_KVM_ASYNC_PF_EN, 0), Ok(false));
+        assert_eq!(d.msr_write(0, MSR_KVM_ASYNC_PF_EN, 0, t(0)), Ok(false));
         assert!(
             !d.engine()
                 .is_outstanding(apf_abi::Token::new(token).unwrap())
@@ -445,7 +468,8 @@ fn disable_with_faults_outstanding_delivers_nothing_for_them() {
 #[test]
 fn outstanding_limit_reached_the_fault_waits_synchronously() {
     let mut d = driver(PvFeatures::SEED, 1, |c| c.max_outstanding_per_vcpu = 1);
-    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1, t(0))
+        .unwrap();
     d.entry(0, VcpuState::USER, true, t(0));
     not_present(&mut d, 0, PAGE, t(0));
     assert_eq!(d.fault_reported(tid(0), OTHER, t(1), false), Some(0));
@@ -510,9 +534,10 @@ fn a_restored_v1_guest_takes_the_wake_all_before_its_first_fault() {
 #[test]
 fn a_v2_wake_all_in_flight_defers_the_fault_until_its_ack() {
     let mut d = driver(PvFeatures::MODERN, 1, |_| {});
-    d.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR))
+    d.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR), t(0))
         .unwrap();
-    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 9).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 9, t(0))
+        .unwrap();
     assert_eq!(d.fault_reported(tid(0), PAGE, t(0), false), Some(0));
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(1));
     assert_eq!(raised(&e), Some(0xffff_ffff));
@@ -526,7 +551,7 @@ fn a_v2_wake_all_in_flight_defers_the_fault_until_its_ack() {
         0,
         "deferred, not synchronous"
     );
-    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, t(0)).unwrap();
     assert_eq!(d.fault_reported(tid(0), PAGE, t(2), true), Some(0));
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
     assert_eq!(reason(&e), Some(1));
@@ -536,10 +561,10 @@ fn a_v2_wake_all_in_flight_defers_the_fault_until_its_ack() {
 fn invalid_msr_writes_are_refused_and_counted() {
     let mut d = driver(PvFeatures::SEED, 1, |_| {});
     assert!(
-        d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1 | 1 << 4)
+        d.msr_write(0, MSR_KVM_ASYNC_PF_EN, area(0) | 1 | 1 << 4, t(0))
             .is_err()
     );
-    assert!(d.msr_write(0, MSR_KVM_ASYNC_PF_EN, RAM | 1).is_err());
+    assert!(d.msr_write(0, MSR_KVM_ASYNC_PF_EN, RAM | 1, t(0)).is_err());
     assert_eq!(d.counters().msr_exits, 2);
     assert_eq!(d.engine().counters().gp.total(), 2);
     assert!(d.enables().is_empty());
@@ -651,17 +676,18 @@ fn v2_area_in_lazy_memory_is_written_by_the_vcpu_until_it_arrived() {
     // fault on a page only that thread can map. The vCPU takes its readies itself.
     let lazy_area = LAZY.start + 0x40;
     let mut d = driver(PvFeatures::MODERN, 1, |_| {});
-    d.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR))
+    d.msr_write(0, MSR_KVM_ASYNC_PF_INT, u64::from(VECTOR), t(0))
         .unwrap();
-    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, lazy_area | 9).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_EN, lazy_area | 9, t(0))
+        .unwrap();
     let e = d.entry(0, VcpuState::USER, true, t(0));
     assert_eq!(raised(&e), Some(0xffff_ffff));
-    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, t(0)).unwrap();
     let tok = not_present(&mut d, 0, PAGE, t(1));
     assert_eq!(d.page_mapped(PAGE, t(2)), [Wake::Kick(0)]);
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(3));
     assert_eq!(raised(&e), Some(tok));
-    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1).unwrap();
+    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, t(0)).unwrap();
     // Once the area's page is in RAM, the pager thread may deliver.
     d.page_mapped(lazy_area, t(4));
     not_present(&mut d, 0, OTHER, t(5));
@@ -685,3 +711,5 @@ fn v1_page_ready_is_always_the_vcpus_own_to_inject() {
         "a #PF cannot come from another thread"
     );
 }
+
+mod adaptive;

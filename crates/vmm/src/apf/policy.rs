@@ -1,0 +1,379 @@
+//! When an APF pays: the adaptive policy (`--apf-policy adaptive`, the default).
+//!
+//! An APF lets a vCPU run other tasks while a page is fetched, but it costs the vCPU time of
+//! its own: the exit and injection of "not present", the guest's #PF handler and task switch
+//! (emulated at CPL 0 on our hosts), and later the page-ready's delivery and handler. When the
+//! page is expected sooner than that, waiting for it is cheaper. For each fault the policy
+//! compares two measured quantities:
+//! - the **expected remaining fetch time**: the source's recent fetch times (a running
+//!   average of first fault → page mapped) minus the age of this page's fetch in flight;
+//! - the **cost of an APF cycle on this vCPU**: its recent fault message → injection times,
+//!   injection → the guest's handler done (interrupts on again, sampled with an interrupt
+//!   window after some injections), and page-ready handed out → the guest done with it (v2:
+//!   its ACK; v1: interrupts on again).
+//!
+//! Until a quantity has been measured, the policy takes the APF (the protocol's own
+//! behaviour), which is also what gives it the measurements. Nothing here is tuned to a
+//! workload: the only numbers are the averaging weight and the sampling period.
+
+use std::time::{Duration, Instant};
+
+/// `--apf-policy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApfPolicy {
+    /// Every fault the protocol allows becomes an APF.
+    Always,
+    /// An APF only when the page is expected later than an APF cycle costs.
+    #[default]
+    Adaptive,
+}
+
+/// A running average of durations (exponentially weighted, weight 1/8 for a new sample).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Average(Option<Duration>);
+
+impl Average {
+    /// Takes in a sample.
+    pub fn add(&mut self, sample: Duration) {
+        self.0 = Some(match self.0 {
+            None => sample,
+            Some(avg) => (avg * 7 + sample) / 8,
+        });
+    }
+
+    /// The average, once there is one.
+    pub fn get(self) -> Option<Duration> {
+        self.0
+    }
+}
+
+/// Sample one injection in this many with an interrupt window (after the first ones): each
+/// sample costs an exit.
+const PROBE_PERIOD: u64 = 16;
+/// Injections sampled before the period applies.
+const FIRST_PROBES: u64 = 8;
+
+/// The measured costs of one vCPU.
+#[derive(Clone, Copy, Debug, Default)]
+struct VcpuCosts {
+    /// Fault message read → "not present" injected.
+    inject: Average,
+    /// "Not present" injected → the guest back in user mode.
+    handler: Average,
+    /// Page-ready handed out → the guest done with it.
+    ready: Average,
+    /// A sampled injection whose handler is being timed.
+    probe: Option<Instant>,
+    /// A page-ready being timed.
+    ready_out: Option<Instant>,
+    injections: u64,
+    readies: u64,
+}
+
+impl VcpuCosts {
+    fn cycle(&self) -> Option<Duration> {
+        Some(self.inject.get()? + self.handler.get()? + self.ready.get()?)
+    }
+}
+
+/// What the policy decides for a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Ask for an APF.
+    Apf,
+    /// Let the vCPU wait for the page: it is expected in `remaining`, sooner than `cycle`.
+    Wait {
+        /// Expected remaining fetch time.
+        remaining: Duration,
+        /// The vCPU's APF cycle cost.
+        cycle: Duration,
+    },
+}
+
+/// The policy's state: one page source, several vCPUs.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    mode: ApfPolicy,
+    fetch: Average,
+    vcpus: Vec<VcpuCosts>,
+}
+
+impl Policy {
+    /// A policy for `vcpus` vCPUs.
+    pub fn new(mode: ApfPolicy, vcpus: usize) -> Policy {
+        Policy {
+            mode,
+            fetch: Average::default(),
+            vcpus: vec![VcpuCosts::default(); vcpus],
+        }
+    }
+
+    /// A fetch took `d` (first fault on the page → page mapped).
+    pub fn fetched(&mut self, d: Duration) {
+        self.fetch.add(d);
+    }
+
+    /// vCPU `vcpu` faulted on a page whose fetch has been in flight for `age`: APF or wait?
+    pub fn choose(&self, vcpu: usize, age: Duration) -> Choice {
+        if self.mode == ApfPolicy::Always {
+            return Choice::Apf;
+        }
+        let (Some(fetch), Some(cycle)) = (
+            self.fetch.get(),
+            self.vcpus.get(vcpu).and_then(VcpuCosts::cycle),
+        ) else {
+            return Choice::Apf;
+        };
+        let remaining = fetch.saturating_sub(age);
+        if remaining > cycle {
+            Choice::Apf
+        } else {
+            Choice::Wait { remaining, cycle }
+        }
+    }
+
+    /// Whether the `n`th injection or page-ready is timed. Only the adaptive policy times
+    /// them (each sample costs an exit); `always` is the protocol's behaviour and nothing
+    /// more.
+    fn sampled(mode: ApfPolicy, n: u64) -> bool {
+        mode == ApfPolicy::Adaptive && (n <= FIRST_PROBES || n.is_multiple_of(PROBE_PERIOD))
+    }
+
+    /// vCPU `vcpu` was injected "not present" at `now` for a fault message read at `fault_at`.
+    /// Returns whether this one is sampled: ask for an interrupt window, and report the guest
+    /// back in user mode with [`Policy::injectable`].
+    pub fn injected(&mut self, vcpu: usize, fault_at: Instant, now: Instant) -> bool {
+        let Some(v) = self.vcpus.get_mut(vcpu) else {
+            return false;
+        };
+        v.inject.add(now.saturating_duration_since(fault_at));
+        v.injections += 1;
+        if Self::sampled(self.mode, v.injections) && v.probe.is_none() {
+            v.probe = Some(now);
+            return true;
+        }
+        false
+    }
+
+    /// vCPU `vcpu` was seen able to take an interrupt at `now` (IF = 1, no shadow): the end of
+    /// a sampled #PF handler, or of a v1 page-ready's. The guest's handlers run with
+    /// interrupts off and return to a task (or to its idle loop) with them on, so this is
+    /// the first moment its handling is over.
+    pub fn injectable(&mut self, vcpu: usize, now: Instant) {
+        let Some(v) = self.vcpus.get_mut(vcpu) else {
+            return;
+        };
+        if let Some(t0) = v.probe.take() {
+            v.handler.add(now.saturating_duration_since(t0));
+        }
+        if let Some(t0) = v.ready_out.take() {
+            v.ready.add(now.saturating_duration_since(t0));
+        }
+    }
+
+    /// A page-ready for vCPU `vcpu` went out at `now`. Returns whether this one is sampled:
+    /// it is timed to the guest able to take interrupts again ([`Policy::injectable`]: for a v1 #PF,
+    /// ask for an interrupt window) or, in v2, to its ACK ([`Policy::acked`]).
+    pub fn ready_out(&mut self, vcpu: usize, now: Instant) -> bool {
+        let Some(v) = self.vcpus.get_mut(vcpu) else {
+            return false;
+        };
+        v.readies += 1;
+        if Self::sampled(self.mode, v.readies) && v.ready_out.is_none() {
+            v.ready_out = Some(now);
+            return true;
+        }
+        false
+    }
+
+    /// vCPU `vcpu` ACKed a v2 page-ready at `now`.
+    pub fn acked(&mut self, vcpu: usize, now: Instant) {
+        if let Some(v) = self.vcpus.get_mut(vcpu)
+            && let Some(t0) = v.ready_out.take()
+        {
+            v.ready.add(now.saturating_duration_since(t0));
+        }
+    }
+
+    /// The measured APF cycle of vCPU `vcpu` (for the report), once known.
+    pub fn cycle(&self, vcpu: usize) -> Option<Duration> {
+        self.vcpus.get(vcpu)?.cycle()
+    }
+
+    /// The measured fetch time, once known.
+    pub fn fetch(&self) -> Option<Duration> {
+        self.fetch.get()
+    }
+
+    /// What the policy measured, for the report.
+    pub fn report(&self) -> PolicyReport {
+        let us = |a: Average| a.get().map(|d| d.as_secs_f64() * 1e6);
+        PolicyReport {
+            mode: self.mode,
+            fetch_us: us(self.fetch),
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(|v| CycleReport {
+                    inject_us: us(v.inject),
+                    handler_us: us(v.handler),
+                    ready_us: us(v.ready),
+                    cycle_us: v.cycle().map(|d| d.as_secs_f64() * 1e6),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The policy's measurements at the end of a run (µs, running averages; `null` where
+/// nothing was measured).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PolicyReport {
+    /// `--apf-policy`.
+    pub mode: ApfPolicy,
+    /// First fault on a page → page mapped.
+    pub fetch_us: Option<f64>,
+    /// Per vCPU, an APF cycle's parts.
+    pub vcpus: Vec<CycleReport>,
+}
+
+/// One vCPU's APF cycle, in parts (µs).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CycleReport {
+    /// Fault message read → "not present" injected (the kick and the exit included).
+    pub inject_us: Option<f64>,
+    /// Injected → the guest's #PF handler done (interrupts on again).
+    pub handler_us: Option<f64>,
+    /// Page-ready handed out → the guest done with it (v2: ACK; v1: interrupts on again).
+    pub ready_us: Option<f64>,
+    /// The sum: what an APF costs this vCPU.
+    pub cycle_us: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    /// A policy whose vCPU 0 has measured an APF cycle of 100 + 200 + 100 µs.
+    fn measured(mode: ApfPolicy) -> (Policy, Instant) {
+        let mut p = Policy::new(mode, 2);
+        let t = Instant::now();
+        assert!(
+            p.injected(0, t, t + us(100)),
+            "the first injections are sampled"
+        );
+        p.injectable(0, t + us(300));
+        assert!(p.ready_out(0, t + us(1000)));
+        p.acked(0, t + us(1100));
+        (p, t)
+    }
+
+    #[test]
+    fn without_measurements_every_fault_is_an_apf() {
+        let p = Policy::new(ApfPolicy::Adaptive, 1);
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        // The cycle is known, the fetch time not yet.
+        assert_eq!(p.cycle(0), Some(us(400)));
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+        p.fetched(us(50));
+        assert_ne!(p.choose(0, Duration::ZERO), Choice::Apf);
+        // vCPU 1 has measured nothing.
+        assert_eq!(p.choose(1, Duration::ZERO), Choice::Apf);
+    }
+
+    #[test]
+    fn a_fetch_shorter_than_a_cycle_waits_a_longer_one_takes_the_apf() {
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        p.fetched(us(30));
+        assert_eq!(
+            p.choose(0, Duration::ZERO),
+            Choice::Wait {
+                remaining: us(30),
+                cycle: us(400)
+            }
+        );
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        p.fetched(us(5000));
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+    }
+
+    #[test]
+    fn the_age_of_the_fetch_in_flight_counts() {
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        p.fetched(us(1000));
+        assert_eq!(p.choose(0, us(100)), Choice::Apf, "900 µs left > 400");
+        assert_eq!(
+            p.choose(0, us(700)),
+            Choice::Wait {
+                remaining: us(300),
+                cycle: us(400)
+            },
+            "300 µs left: nearly there"
+        );
+        assert!(
+            matches!(p.choose(0, us(5000)), Choice::Wait { remaining, .. } if remaining.is_zero())
+        );
+    }
+
+    #[test]
+    fn always_never_waits_and_never_samples() {
+        let mut p = Policy::new(ApfPolicy::Always, 1);
+        let t = Instant::now();
+        p.fetched(us(1));
+        assert!(!p.injected(0, t, t + us(5)));
+        assert!(!p.ready_out(0, t + us(10)));
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+    }
+
+    #[test]
+    fn averages_follow_a_change_of_the_source() {
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        for _ in 0..4 {
+            p.fetched(us(20));
+        }
+        assert!(matches!(p.choose(0, Duration::ZERO), Choice::Wait { .. }));
+        // The source slows down (a remote server, say): after a few slow fetches the policy
+        // takes APFs again.
+        for _ in 0..20 {
+            p.fetched(us(5000));
+        }
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+    }
+
+    #[test]
+    fn sampling_is_dense_at_first_then_periodic() {
+        let mut p = Policy::new(ApfPolicy::Adaptive, 1);
+        let t = Instant::now();
+        let sampled: Vec<bool> = (0..48u64)
+            .map(|i| {
+                let now = t + us(i * 10);
+                let probe = p.injected(0, now, now);
+                p.injectable(0, now + us(1));
+                probe
+            })
+            .collect();
+        assert!(sampled[..8].iter().all(|&s| s));
+        assert_eq!(
+            sampled[8..].iter().filter(|&&s| s).count(),
+            3,
+            "the 16th, 32nd, 48th: {sampled:?}"
+        );
+    }
+
+    #[test]
+    fn a_v1_ready_is_timed_to_the_end_of_its_handler() {
+        let mut p = Policy::new(ApfPolicy::Adaptive, 1);
+        let t = Instant::now();
+        p.injected(0, t, t);
+        p.injectable(0, t + us(50));
+        assert!(p.ready_out(0, t + us(500)));
+        p.injectable(0, t + us(560));
+        assert_eq!(p.cycle(0), Some(us(50 + 60)));
+    }
+}
