@@ -113,6 +113,8 @@ struct Record {
     /// interrupts KVM's wait and the retried access posts another message, so further
     /// messages for it are not kicked until it arrives.
     sync_page: Option<u64>,
+    /// Its last entry asked for an interrupt window.
+    awaiting_window: bool,
 }
 
 /// The driver: the engine plus the per-vCPU records, counters and latencies.
@@ -134,6 +136,8 @@ pub struct Driver {
     /// The current entry sampled a handler's cost: come back when the guest can take an
     /// interrupt, which is when its handler is done.
     probe: bool,
+    /// The current entry handed out a page-ready.
+    delivered: bool,
     policy: Policy,
 }
 
@@ -154,6 +158,7 @@ impl Driver {
             enables: Vec::new(),
             last_hold: None,
             probe: false,
+            delivered: false,
             policy,
         }
     }
@@ -409,6 +414,7 @@ impl Driver {
         self.counters.entries += 1;
         self.last_hold = None;
         self.probe = false;
+        self.delivered = false;
         if state.interrupts_enabled && !state.interrupt_shadow {
             self.policy.injectable(vcpu, now);
         }
@@ -445,6 +451,7 @@ impl Driver {
 
         let fault_left = self.vcpus.get(vcpu).is_some_and(|r| r.fault.is_some());
         let pending = self.engine.pending_delivery(vcpu);
+
         let again = if fault_left || (pending && !exception_allowed) {
             Again::AfterCompletion
         } else if !pending {
@@ -461,6 +468,17 @@ impl Driver {
         } else {
             Again::WhenInjectable
         };
+        let r = &mut self.vcpus[vcpu];
+        if std::mem::replace(&mut r.awaiting_window, again == Again::WhenInjectable)
+            && self.delivered
+        {
+            self.counters.window_deliveries += 1;
+        }
+        match again {
+            Again::WhenInjectable => self.counters.window_waits += 1,
+            Again::Later => self.counters.retry_waits += 1,
+            Again::No | Again::AfterCompletion => {}
+        }
         Entry { actions, again }
     }
 
@@ -526,6 +544,7 @@ impl Driver {
                 let engine = &self.engine;
                 self.mapped_at.retain(|t, _| engine.is_outstanding(*t));
             } else {
+                self.delivered = true;
                 if let Some(t0) = self.mapped_at.remove(&token) {
                     self.latency
                         .ready_delivery

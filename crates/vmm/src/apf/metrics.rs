@@ -46,6 +46,16 @@ pub struct DriverCounters {
     pub direct_readies: u64,
     /// Entries at which the driver had work (a fault or a delivery).
     pub entries: u64,
+    /// Entries that left a delivery (or a sample) for the guest's next interrupt window:
+    /// the vCPU comes back the moment the guest can take an injection.
+    pub window_waits: u64,
+    /// Entries whose delivery the guest's area held (reason not consumed, token slot busy):
+    /// the vCPU is kicked again after a short delay, the only timer left on the path.
+    pub retry_waits: u64,
+    /// Entries that handed out a page-ready at the interrupt window the previous entry
+    /// asked for: deliveries back to back behind the guest's previous handler, with no
+    /// timer between them.
+    pub window_deliveries: u64,
 }
 
 /// The latencies of the userspace APF path.

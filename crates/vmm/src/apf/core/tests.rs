@@ -420,6 +420,16 @@ fn v1_two_ready_tokens_go_one_per_entry_back_to_back() {
     let e = d.entry(0, with_area(&d, 0, VcpuState::USER, 0, 0), true, t(4));
     assert_eq!(injected(&e), Some(b));
     assert_eq!(e.again, Again::No);
+    let counters = d.counters();
+    assert_eq!(
+        (
+            counters.window_waits,
+            counters.window_deliveries,
+            counters.retry_waits
+        ),
+        (1, 1, 0),
+        "{counters:?}"
+    );
 }
 
 #[test]
