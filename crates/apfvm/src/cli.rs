@@ -294,16 +294,20 @@ pub struct RestoreArgs {
 /// `apfvm demo` options.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-The guest: per vCPU one scan task over cold memory and --tasks-per-vcpu - 1 compute tasks.
-It is snapshotted (in a temporary directory, removed at the end) right after the scans' fill
+Two guests, one table each. Mixed: per vCPU one scan task over cold memory and
+--tasks-per-vcpu - 1 compute tasks. Concurrent: every one of the --tasks-per-vcpu tasks
+scans its own cold memory (every task waits on memory: where APF pays). Each is
+snapshotted (in a temporary directory, removed at the end) right after the scans' fill
 pass, once booted with APF v1 and once with v2, then restored in each mode, the modes
 interleaved, --repeats times each. The restored scans re-read their memory (checksums
 verified: any mismatch fails the demo) while the compute tasks count loop iterations.
 
 Columns: work = compute iterations in the first --window after the restore (median);
-×eager, ×off = that over eager's and off's; scan ms = restore → every scan done; faults =
+×eager, ×off = that over eager's and off's (mixed); ×off, ×kernel = scans done that much
+sooner than off's, kernel's (concurrent); scan ms = restore → every scan done; faults =
 userfaultfd messages; APFs = not-present APFs the guest received; fault→APF = uffd message
-→ #PF injected (userspace APF); sync fallbacks = faults the engine left synchronous.
+→ #PF injected, ready = page mapped → page-ready handed out (userspace APF); sync
+fallbacks = faults left synchronous (short_wait: the adaptive policy's choice).
 
 Durations: 0, or a number with a unit (250us, 1ms, 2s).
 
@@ -316,7 +320,8 @@ pub struct DemoArgs {
     /// Restores per mode (medians are reported).
     #[arg(long, default_value_t = 3, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub repeats: u64,
-    /// Tasks per vCPU: one scan, the rest compute (at most 48 tasks in all).
+    /// Tasks per vCPU: mixed, one scan and the rest compute; concurrent, all scan (at most
+    /// 48 tasks in all).
     #[arg(long, default_value_t = 4, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_TASKS as i64))]
     pub tasks_per_vcpu: u32,
     /// vCPUs.
@@ -328,7 +333,7 @@ pub struct DemoArgs {
     /// The window in which compute work is counted (at most 1m).
     #[arg(long, allow_hyphen_values = true, default_value = "250ms", value_parser = values::window)]
     pub window: Duration,
-    /// Cold memory each vCPU's scan reads (K/M suffix).
+    /// Cold memory each scan task reads (K/M suffix).
     #[arg(long, allow_hyphen_values = true, default_value = "4M", value_parser = values::size)]
     pub scan_size: u64,
     /// Write every row (medians, spread, each repeat) as JSON to this file.

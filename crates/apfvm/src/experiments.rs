@@ -37,7 +37,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<u8> {
         vcpus: args.vcpus,
         modes: args.modes.clone(),
         window: args.window,
-        scan_per_vcpu: args.scan_size,
+        scan_per_task: args.scan_size,
         progress: !args.no_progress,
     })
     .context("apfvm demo")?;

@@ -52,7 +52,12 @@ fn demo_prints_its_table_and_writes_json() {
     }
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(doc["runs"].as_array().unwrap().len(), 3, "{doc}");
+    assert!(
+        stdout.contains("apfvm demo, concurrent: 1 vCPU × 4 tasks, each scanning 2 MiB"),
+        "no concurrent table:\n{stdout}"
+    );
+    // Three modes, for the mixed and the concurrent guest.
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 6, "{doc}");
     assert_eq!(doc["command"], "demo");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,7 @@ use super::setup::Setup;
 use crate::host::{Host, utc_now};
 
 /// What the workload is, in the JSON's words.
-const WORKLOAD: &str = "per vCPU: 1 scan over cold memory (snapshot taken after its fill pass, restored guest re-reads it, checksum verified) + tasks_per_vcpu - 1 compute tasks; compute_work = their loop iterations in the window; scan_ms = restore -> every scan done";
+const WORKLOAD: &str = "shape mixed, per vCPU: 1 scan over cold memory + tasks_per_vcpu - 1 compute tasks; shape concurrent: every task scans its own cold memory. Snapshot taken after the scans' fill pass, the restored guest re-reads it, checksums verified; compute_work = the compute tasks' loop iterations in the window; scan_ms = restore -> every scan done";
 
 /// How the bench's memory rows were measured.
 #[derive(Clone, Debug, serde::Serialize)]

@@ -45,7 +45,7 @@ pub use mode::{Memory, Mode, PREFETCH_ALL, PREFETCH_NAMES, Source};
 pub use plan::{Plan, Variants};
 pub use point::{Point, Sample, run_point};
 pub use row::Row;
-pub use setup::{MEM_SIZE, SCAN_PER_VCPU, Setup, WINDOW};
+pub use setup::{CONCURRENT_TASKS, MEM_SIZE, SCAN_PER_TASK, Setup, Shape, WINDOW};
 pub use snapshots::Snapshots;
 pub use sweep::{BenchOptions, BenchOutcome, bench};
 pub use window::{WindowObserver, WindowReport};

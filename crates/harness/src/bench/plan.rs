@@ -117,6 +117,7 @@ impl Variants {
 #[cfg(test)]
 mod tests {
     use super::super::mode::PREFETCH_ALL;
+    use super::super::setup::Shape;
     use super::*;
 
     #[test]
@@ -144,9 +145,10 @@ mod tests {
         assert_eq!(v.memories_for(ms(1), Mode::Eager), [Memory::FILE]);
         assert_eq!(v.memories_for(ms(0), Mode::Off), [Memory::FILE]);
         let setup = Setup {
+            shape: Shape::Mixed,
             vcpus: 1,
             tasks_per_vcpu: 2,
-            scan_per_vcpu: 1 << 20,
+            scan_per_task: 1 << 20,
             mem_size: 48 << 20,
         };
         let plan = Plan {

@@ -60,6 +60,8 @@ pub struct Sample {
     pub sync_fallbacks: BTreeMap<FallbackReason, u64>,
     /// uffd message → APF injected (userspace APF only; `None` when nothing was injected).
     pub inject_latency: Option<LatencySummary>,
+    /// Page mapped → its page-ready handed out (userspace APF only; `None` when none was).
+    pub ready_latency: Option<LatencySummary>,
     /// Guest timer ticks over the run (all vCPUs).
     pub timer_ticks: u64,
     /// Restore → guest exit, ms.
@@ -139,6 +141,7 @@ fn sample(r: &RunReport, observer: &WindowObserver) -> Result<Sample> {
     };
     let pager = r.lazy.as_ref().map(|l| &l.pager);
     let injected = r.apf.latency.fault_to_apf.summary();
+    let ready = r.apf.latency.ready_delivery.summary();
     Ok(Sample {
         compute_work: w.compute_work,
         scan_ms: ms(scans_done),
@@ -152,6 +155,7 @@ fn sample(r: &RunReport, observer: &WindowObserver) -> Result<Sample> {
             .filter(|(_, n)| *n > 0)
             .collect(),
         inject_latency: (injected.count > 0).then_some(injected),
+        ready_latency: (ready.count > 0).then_some(ready),
         timer_ticks: r.cpus.iter().map(|c| c.counters.timer_ticks).sum(),
         elapsed_ms: ms(r.elapsed()),
         setup_ms: r

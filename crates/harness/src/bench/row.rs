@@ -8,10 +8,14 @@ use pager::{LatencySummary, Prefetch};
 
 use super::mode::{Memory, Mode, Source};
 use super::point::{Point, Sample};
+use super::setup::Shape;
 
 /// A point's samples summarized.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Row {
+    /// `mixed` (one scan per vCPU, the other tasks compute) or `concurrent` (every task
+    /// scans).
+    pub shape: Shape,
     /// `eager`, `off`, `off-halt`, `apf-v1`, `apf-v2`, `kernel`.
     pub mode: Mode,
     /// Added delay per fetch, µs.
@@ -48,6 +52,8 @@ pub struct Row {
     /// uffd message → APF injected, each field the median of the repeats' (userspace APF
     /// only; `None` when no repeat injected).
     pub inject_latency: Option<LatencySummary>,
+    /// Page mapped → page-ready handed out, each field the median of the repeats'.
+    pub ready_latency: Option<LatencySummary>,
     /// Median guest timer ticks over the run.
     pub timer_ticks: u64,
     /// Median time to the first guest instruction, ms.
@@ -64,6 +70,13 @@ pub struct Row {
     pub work_vs_eager: Option<f64>,
     /// Compute work over off's at the same point, with the same source and prefetch.
     pub work_vs_off: Option<f64>,
+    /// How much faster the scans finished than eager's (memory file): eager's scan time over
+    /// this one's (below 1: slower).
+    pub scan_vs_eager: Option<f64>,
+    /// The same against off with the same memory.
+    pub scan_vs_off: Option<f64>,
+    /// The same against kernel with the same memory.
+    pub scan_vs_kernel: Option<f64>,
     /// Repeats.
     pub repeats: usize,
     /// Every repeat.
@@ -110,8 +123,10 @@ impl Row {
         }
         let latencies: Vec<LatencySummary> =
             samples.iter().filter_map(|s| s.inject_latency).collect();
+        let ready: Vec<LatencySummary> = samples.iter().filter_map(|s| s.ready_latency).collect();
         let resident: Vec<f64> = samples.iter().filter_map(|s| s.resident_ms).collect();
         Row {
+            shape: point.setup.shape,
             mode: point.mode,
             fetch_latency_us: u64::try_from(point.fetch_latency.as_micros()).unwrap_or(u64::MAX),
             tasks_per_vcpu: point.setup.tasks_per_vcpu,
@@ -129,6 +144,7 @@ impl Row {
             sync_fallbacks: u(|s| s.sync_fallbacks.values().sum()),
             sync_fallbacks_by_reason: by_reason,
             inject_latency: median_latency(&latencies),
+            ready_latency: median_latency(&ready),
             timer_ticks: u(|s| s.timer_ticks),
             setup_ms: median_f64(samples.iter().map(|s| s.setup_ms).collect()),
             scans_verified: samples.iter().map(|s| s.scans_verified).min().unwrap_or(0),
@@ -137,6 +153,9 @@ impl Row {
             fetch_retries: samples.iter().map(|s| s.fetch_retries).sum(),
             work_vs_eager: None,
             work_vs_off: None,
+            scan_vs_eager: None,
+            scan_vs_off: None,
+            scan_vs_kernel: None,
             repeats: samples.len(),
             samples,
         }
@@ -152,9 +171,32 @@ impl Row {
 }
 
 /// Sets each row's ratios: compute work over eager's (memory file, no prefetch) and over
-/// off's with the same memory, among `group` (the rows of one setup and latency).
+/// off's with the same memory; scan speed against eager's, off's and kernel's; among `group`
+/// (the rows of one setup and latency).
 #[allow(clippy::cast_precision_loss)]
 pub fn set_ratios(group: &mut [Row]) {
+    let scan_of = |mode: Mode, memory: Memory, g: &[Row]| {
+        g.iter()
+            .find(|r| r.mode == mode && r.memory() == memory)
+            .map(|r| r.scan_ms)
+            .filter(|ms| *ms > 0.0)
+    };
+    let eager_scan = scan_of(Mode::Eager, Memory::FILE, group);
+    let bases: Vec<(Option<f64>, Option<f64>)> = group
+        .iter()
+        .map(|r| {
+            (
+                scan_of(Mode::Off, r.memory(), group),
+                scan_of(Mode::Kernel, r.memory(), group),
+            )
+        })
+        .collect();
+    for (r, (off, kernel)) in group.iter_mut().zip(bases) {
+        let faster = |base: Option<f64>| base.filter(|_| r.scan_ms > 0.0).map(|b| b / r.scan_ms);
+        r.scan_vs_eager = faster(eager_scan);
+        r.scan_vs_off = faster(off);
+        r.scan_vs_kernel = faster(kernel);
+    }
     let work_of = |mode: Mode, memory: Memory, g: &[Row]| {
         g.iter()
             .find(|r| r.mode == mode && r.memory() == memory)
@@ -183,9 +225,10 @@ mod tests {
     fn point(mode: Mode) -> Point {
         Point {
             setup: Setup {
+                shape: Shape::Mixed,
                 vcpus: 1,
                 tasks_per_vcpu: 2,
-                scan_per_vcpu: 1 << 20,
+                scan_per_task: 1 << 20,
                 mem_size: 48 << 20,
             },
             mode,

@@ -1,6 +1,7 @@
-//! The guest an experiment snapshots: per vCPU one scan task over its own cold region and
-//! `tasks_per_vcpu - 1` compute tasks, the scans asking for the snapshot right after their
-//! fill pass.
+//! The guest an experiment snapshots, in one of two shapes: **mixed**, per vCPU one scan task
+//! over its own cold region and `tasks_per_vcpu - 1` compute tasks; **concurrent**, every
+//! task a scan over its own cold region (every task waits on memory: where APF pays). The
+//! scans ask for the snapshot right after their fill pass.
 
 use std::time::Duration;
 
@@ -12,20 +13,46 @@ use crate::error::{Error, Result};
 /// Guest RAM of the demo, bench and soak guests (the scans' regions lie above the first
 /// 16 MiB).
 pub const MEM_SIZE: u64 = 48 << 20;
-/// Default scan per vCPU.
-pub const SCAN_PER_VCPU: u64 = 4 << 20;
+/// Default scan per scan task.
+pub const SCAN_PER_TASK: u64 = 4 << 20;
+/// Tasks per vCPU of the concurrent guests of `bench`.
+pub const CONCURRENT_TASKS: u32 = 4;
+
+/// What the tasks do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// Per vCPU one scan, the other tasks compute.
+    #[default]
+    Mixed,
+    /// Every task scans its own cold memory.
+    Concurrent,
+}
+
+impl Shape {
+    /// Its name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Mixed => "mixed",
+            Shape::Concurrent => "concurrent",
+        }
+    }
+}
 /// Default measured window.
 pub const WINDOW: Duration = Duration::from_millis(250);
 
 /// The guest's shape: what a snapshot is taken of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Setup {
+    /// What the tasks do.
+    pub shape: Shape,
     /// vCPUs.
     pub vcpus: u32,
-    /// Tasks per vCPU: one scan and `tasks_per_vcpu - 1` compute tasks.
+    /// Tasks per vCPU (mixed: one scan and `tasks_per_vcpu - 1` compute tasks; concurrent:
+    /// all scans).
     pub tasks_per_vcpu: u32,
-    /// Bytes each vCPU's scan walks (cold after a lazy restore).
-    pub scan_per_vcpu: u64,
+    /// Bytes each scan task walks (cold after a lazy restore).
+    pub scan_per_task: u64,
     /// Guest RAM.
     pub mem_size: u64,
 }
@@ -48,23 +75,38 @@ impl Setup {
             )));
         }
         let room = self.mem_size.saturating_sub(guest_abi::WORKLOAD_GPA);
-        if self.scan_per_vcpu == 0 || self.scan_per_vcpu.saturating_mul(u64::from(vcpus)) > room {
+        if self.scan_per_task == 0 || self.scan_bytes() > room {
             return Err(Error::Config(format!(
-                "--scan-size {} KiB per vCPU: more than 0 and at most the guest's {} MiB of workload memory in all",
-                self.scan_per_vcpu >> 10,
+                "--scan-size {} KiB per scan task ({} scans, {}): more than 0 and at most the guest's {} MiB of workload memory in all",
+                self.scan_per_task >> 10,
+                self.scans(),
+                self.shape.name(),
                 room >> 20
             )));
         }
         Ok(())
     }
 
+    /// Scan tasks in all.
+    pub fn scans(&self) -> u32 {
+        match self.shape {
+            Shape::Mixed => self.vcpus,
+            Shape::Concurrent => self.vcpus * self.tasks_per_vcpu,
+        }
+    }
+
+    /// Bytes all scans walk together.
+    pub fn scan_bytes(&self) -> u64 {
+        self.scan_per_task.saturating_mul(u64::from(self.scans()))
+    }
+
     /// The `--workload` spec.
     pub fn workload(&self) -> String {
-        let compute = self.tasks_per_vcpu.saturating_sub(1) * self.vcpus;
+        let compute = self.tasks_per_vcpu * self.vcpus - self.scans();
         if compute == 0 {
-            format!("scan:{}", self.vcpus)
+            format!("scan:{}", self.scans())
         } else {
-            format!("compute:{compute},scan:{}", self.vcpus)
+            format!("compute:{compute},scan:{}", self.scans())
         }
     }
 
@@ -75,7 +117,7 @@ impl Setup {
             WorkloadParams {
                 vcpus: self.vcpus,
                 ram_end: self.mem_size,
-                scan_bytes: Some(self.scan_per_vcpu * u64::from(self.vcpus)),
+                scan_bytes: Some(self.scan_bytes()),
                 scan_passes: 2,
                 compute_ms: 0,
             },
@@ -101,15 +143,16 @@ mod tests {
 
     fn setup() -> Setup {
         Setup {
+            shape: Shape::Mixed,
             vcpus: 2,
             tasks_per_vcpu: 4,
-            scan_per_vcpu: 2 << 20,
+            scan_per_task: 2 << 20,
             mem_size: MEM_SIZE,
         }
     }
 
     #[test]
-    fn workload_has_one_scan_per_vcpu() {
+    fn workload_has_one_scan_per_task() {
         assert_eq!(setup().workload(), "compute:6,scan:2");
         let cfg = setup().config(ApfMode::V2).unwrap();
         let scans: Vec<u32> = cfg
@@ -124,6 +167,37 @@ mod tests {
             ..setup()
         };
         assert_eq!(one.workload(), "scan:2");
+    }
+
+    #[test]
+    fn a_concurrent_guest_scans_in_every_task() {
+        let s = Setup {
+            shape: Shape::Concurrent,
+            tasks_per_vcpu: 4,
+            vcpus: 1,
+            ..setup()
+        };
+        assert_eq!(s.workload(), "scan:4");
+        assert_eq!(s.scan_bytes(), 8 << 20);
+        let cfg = s.config(ApfMode::V2).unwrap();
+        assert_eq!(
+            cfg.tasks
+                .iter()
+                .filter(|t| t.kind == TaskKind::Scan as u32)
+                .count(),
+            4
+        );
+        let too_big = Setup {
+            scan_per_task: 16 << 20,
+            ..s
+        };
+        assert!(
+            too_big
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("4 scans, concurrent")
+        );
     }
 
     #[test]
@@ -153,7 +227,7 @@ mod tests {
         );
         assert!(
             bad(Setup {
-                scan_per_vcpu: 64 << 20,
+                scan_per_task: 64 << 20,
                 ..setup()
             })
             .contains("--scan-size")

@@ -52,10 +52,11 @@ impl Snapshots {
         }
         interrupt::check()?;
         let out = self.dir.path().join(format!(
-            "snap-{}vcpu-{}tpv-{}k-{apf:?}",
+            "snap-{}-{}vcpu-{}tpv-{}k-{apf:?}",
+            setup.shape.name(),
             setup.vcpus,
             setup.tasks_per_vcpu,
-            setup.scan_per_vcpu >> 10
+            setup.scan_per_task >> 10
         ));
         let opts = RunOptions {
             timeout: Some(SNAPSHOT_TIMEOUT),

@@ -11,7 +11,7 @@ use super::json::{MemoryRows, Results};
 use super::mode::{Mode, Source};
 use super::plan::{Plan, Variants};
 use super::plot::{plot, plotted_setup};
-use super::setup::{MEM_SIZE, SCAN_PER_VCPU, Setup};
+use super::setup::{CONCURRENT_TASKS, MEM_SIZE, SCAN_PER_TASK, Setup, Shape};
 use super::table::bench_table;
 use crate::error::{Result, require_kvm};
 use crate::progress::Bar;
@@ -77,23 +77,39 @@ pub fn bench_plan(o: &BenchOptions) -> Plan {
         (vec![Duration::ZERO, ms(1)], vec![1, 4], vec![1])
     } else {
         (
-            vec![Duration::ZERO, Duration::from_micros(100), ms(1), ms(5)],
+            vec![
+                Duration::ZERO,
+                Duration::from_micros(100),
+                ms(1),
+                ms(2),
+                ms(5),
+            ],
             vec![1, 2, 4, 8],
             vec![1, 2],
         )
     };
-    let scan = if o.quick { 2 << 20 } else { SCAN_PER_VCPU };
-    let setups = vcpus
+    let scan = if o.quick { 2 << 20 } else { SCAN_PER_TASK };
+    // Mixed: every vCPU count × tasks per vCPU. Concurrent (every task scans): 4 tasks per
+    // vCPU, each scanning as much as a mixed guest's one scan.
+    let mut setups: Vec<Setup> = vcpus
         .iter()
         .flat_map(|&v| {
             tpv.iter().map(move |&t| Setup {
+                shape: Shape::Mixed,
                 vcpus: v,
                 tasks_per_vcpu: t,
-                scan_per_vcpu: scan,
+                scan_per_task: scan,
                 mem_size: MEM_SIZE,
             })
         })
         .collect();
+    setups.extend(vcpus.iter().map(|&v| Setup {
+        shape: Shape::Concurrent,
+        vcpus: v,
+        tasks_per_vcpu: CONCURRENT_TASKS,
+        scan_per_task: scan,
+        mem_size: MEM_SIZE,
+    }));
     Plan {
         setups,
         latencies,
@@ -165,14 +181,24 @@ mod tests {
         let quick = bench_plan(&options(true));
         assert_eq!(
             (quick.runs(), quick.repeats, quick.window),
-            (20, 1, Duration::from_millis(150))
+            (30, 1, Duration::from_millis(150))
         );
-        // The memory rows: at 1 ms, for off, apf-v1 and apf-v2, both task counts, 5 memories.
-        assert_eq!(bench_variants(&options(true)).runs(&quick), 30);
+        // The memory rows: at 1 ms, for off, apf-v1 and apf-v2, three setups, 5 memories.
+        assert_eq!(bench_variants(&options(true)).runs(&quick), 45);
         let full = bench_plan(&options(false));
         assert_eq!(
             (full.setups.len(), full.latencies.len(), full.repeats),
-            (8, 4, 3)
+            (10, 5, 3)
+        );
+        let concurrent: Vec<&Setup> = full
+            .setups
+            .iter()
+            .filter(|s| s.shape == Shape::Concurrent)
+            .collect();
+        assert_eq!(concurrent.len(), 2);
+        assert!(
+            concurrent.iter().all(|s| s.check().is_ok()),
+            "{concurrent:?}"
         );
     }
 }

@@ -55,7 +55,8 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
+        "{:<10} {:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8} {:>6} {:>8} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
+        "workload",
         "vcpu",
         "tpv",
         "latency",
@@ -65,6 +66,8 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
         "×eager",
         "×off",
         "scan ms",
+        "s×off",
+        "s×kernel",
         "faults",
         "APFs",
         "sync",
@@ -75,7 +78,8 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8.1} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
+            "{:<10} {:>4} {:>4} {:>7} {:<8} {:<14} {:>22} {:>7} {:>7} {:>8.1} {:>6} {:>8} {:>6} {:>5} {:>5} {:>11} {:>8} {:>9}",
+            r.shape.name(),
             r.vcpus,
             r.tasks_per_vcpu,
             latency_label(Duration::from_micros(r.fetch_latency_us)),
@@ -90,6 +94,8 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
             ratio(r.work_vs_eager),
             ratio(r.work_vs_off),
             r.scan_ms,
+            ratio(r.scan_vs_off),
+            ratio(r.scan_vs_kernel),
             r.faults,
             r.apf_injected,
             r.sync_fallbacks,
@@ -101,7 +107,7 @@ pub fn bench_table(rows: &[Row], window: Duration) -> String {
     }
     let _ = writeln!(
         s,
-        "memory = source (file: the snapshot's memory file; nbd: qemu-nbd serving it on a unix socket) + prefetch policy; ×off = over off with the same memory; prefetch = pages prefetched before any fault; resident = every lazily served page present (\"resident at\")"
+        "workload = mixed (one scan per vCPU, the other tasks compute) or concurrent (every task scans); s×off, s×kernel = scans done that much sooner than off's, kernel's with the same memory; memory = source (file: the snapshot's memory file; nbd: qemu-nbd serving it on a unix socket) + prefetch policy; ×off = over off with the same memory; prefetch = pages prefetched before any fault; resident = every lazily served page present (\"resident at\")"
     );
     s
 }

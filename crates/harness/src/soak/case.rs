@@ -6,7 +6,7 @@ use std::time::Duration;
 use pager::{FetchLatency, Prefetch};
 use vmm::ApfMode;
 
-use crate::bench::{MEM_SIZE, Mode, PREFETCH_ALL, Setup};
+use crate::bench::{MEM_SIZE, Mode, PREFETCH_ALL, Setup, Shape};
 
 /// What one iteration runs.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -63,9 +63,10 @@ impl Case {
             rng.u32(2..=3)
         };
         let setup = Setup {
+            shape: Shape::Mixed,
             vcpus,
             tasks_per_vcpu,
-            scan_per_vcpu: rng.u64(1..=4) << 20,
+            scan_per_task: rng.u64(1..=4) << 20,
             mem_size: MEM_SIZE,
         };
         let booted = pick(rng, &[ApfMode::V1, ApfMode::V2]);
@@ -119,7 +120,7 @@ impl Case {
             "{} vCPU {:<17} {} MiB/vCPU {:?} {:<8} {:<23} {:<9}",
             self.setup.vcpus,
             self.workload,
-            self.setup.scan_per_vcpu >> 20,
+            self.setup.scan_per_task >> 20,
             self.booted,
             self.mode.name(),
             or_dash(self.fetch_latency.map(|l| l.to_string())),
