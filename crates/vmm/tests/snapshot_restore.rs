@@ -249,7 +249,8 @@ fn snapshot_at_a_time_and_refusal_to_overwrite() {
         "compute:2",
         WorkloadParams {
             vcpus: 2,
-            ram_end: MEM,
+            mem_size: MEM,
+            scan_at: None,
             scan_bytes: None,
             scan_passes: 1,
             compute_ms: 400,
