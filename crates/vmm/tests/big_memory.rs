@@ -17,7 +17,7 @@ use testkit::fixture::{
 use vmm::snapshot::Snapshot;
 use vmm::snapshot::format::MemoryRegion;
 use vmm::source::SourceOptions;
-use vmm::{ApfMode, ApfPath, RunOptions, RunReport};
+use vmm::{ApfMode, ApfPath, RunOptions, RunReport, SnapshotPlan};
 
 const GIB: u64 = 1 << 30;
 const SCAN: u64 = 4 << 20;
@@ -155,18 +155,35 @@ fn a_4_gib_guest_scans_above_4_gib_and_restores_eagerly_lazily_and_from_nbd() {
 }
 
 /// 5 GiB, v1: the scan reads the last 4 MiB of RAM (the last entries of the identity map),
-/// restored lazily.
+/// restored lazily; that restore is snapshot again (the pages it never fetched are read from
+/// the first snapshot's file, region by region) and the second snapshot restored lazily.
 #[test]
-fn a_5_gib_guest_scans_the_end_of_ram_and_restores_lazily_with_v1() {
+fn a_5_gib_guest_scans_the_end_of_ram_and_restores_lazily_with_v1_twice() {
     if !testkit::require_kvm() {
         return;
     }
     let dir = testkit::scratch("bigmem", "5g");
-    let out = dir.join("snap");
+    let (out, again) = (dir.join("snap"), dir.join("again"));
     let scan_at = 6 * GIB - SCAN;
-    let g = guest(5 * GIB, scan_at, ApfMode::V1);
+    // Three passes: the restored scan asks for a snapshot again after its second.
+    let g = Guest {
+        passes: 3,
+        ..guest(5 * GIB, scan_at, ApfMode::V1)
+    };
     snapshot(&g, &out);
-    let lazy = restore_ok(&restore_options(&out, true, ApfPath::Userspace, "1ms"));
+    let mut o = restore_options(&out, true, ApfPath::Userspace, "1ms");
+    o.snapshot = Some(SnapshotPlan {
+        out: again.clone(),
+        on_guest_request: true,
+        ..SnapshotPlan::default()
+    });
+    let r = restore_ok(&o);
+    assert!(
+        r.snapshot.is_some() && r.apf.engine.injected > 0,
+        "{:?}",
+        r.apf.engine
+    );
+    let lazy = restore_ok(&restore_options(&again, true, ApfPath::Userspace, "1ms"));
     assert_lazy_apf_above_4_gib(&lazy, scan_at);
     let _ = std::fs::remove_dir_all(&dir);
 }
