@@ -1,5 +1,5 @@
-//! Lazily served guest memory: ranges of RAM (one per RAM region at most) mapped empty and
-//! registered with userfaultfd through `crates/pager`, each page fetched from a verified [`PageSource`] when
+//! Lazily served guest memory: ranges of RAM mapped empty and registered with
+//! userfaultfd through `crates/pager`, each page fetched from a verified [`PageSource`] when
 //! a vCPU (or the VMM) first touches it, prefetched per policy, each fetch delayed by an
 //! added latency. The pager reports faults, arrivals and failures to the run through a
 //! [`PagerObserver`]; this module knows nothing of APF.
