@@ -6,15 +6,17 @@
 //!   ─► eager memory loaded (all of it, or the low region of a lazy restore), before the
 //!      vCPUs exist: later host writes cost the guest shadow-MMU faults on our hosts
 //!   ─► EmptyMachine::load_state (irqchip and vCPU state, APF MSRs for the driver)
-//!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of each RAM region), options, observer)
+//!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of each RAM region), options,
+//!          observer)
 //! ```
 //!
 //! Lazy: the low 16 MiB (boot data, counters, the VMM's page tables, the kernel image, its
 //! stacks: everything below `WORKLOAD_GPA`, touched at CPL 0 where a fault cannot become an
 //! APF anyway) is loaded before the first instruction; workload memory, in every RAM region
 //! (below the MMIO hole and above 4 GiB), arrives on demand through userfaultfd: the time to
-//! the first instruction does not grow with the guest's size. The driver loads the snapshot's APF MSRs, whose enable path queues a
-//! wake-all per enabled vCPU, so tasks asleep at snapshot time retry.
+//! the first instruction does not grow with the guest's size. The driver loads the
+//! snapshot's APF MSRs, whose enable path queues a wake-all per enabled vCPU, so tasks asleep
+//! at snapshot time retry.
 
 use std::ops::Range;
 use std::path::PathBuf;
