@@ -75,8 +75,8 @@ fn run_after_help(examples: &str) -> String {
 WORKLOAD SPEC: a comma list of kind[:count] (at most {MAX_TASKS} tasks); kinds: compute (counts
 loop iterations), scan (walks its share of workload memory page by page, checksumming it),
 msr-selftest (the guest writes every class of invalid and valid APF MSR value and checks the
-#GP answers). Tasks are assigned round-robin to vCPUs; scan tasks split [16 MiB, end of RAM)
-between them. Or `hostile:<case>`, a hostile-guest workload, <case> one of: {}
+#GP answers). Tasks are assigned round-robin to vCPUs; scan tasks split [16 MiB, end of RAM
+below the MMIO hole) between them, or from --scan-at to the end of its RAM region. Or `hostile:<case>`, a hostile-guest workload, <case> one of: {}
 (see docs/reliability.md); use --vcpus 2.
 
 DURATIONS: 0, or a number with a unit: 250us, 200ms, 2s, 10m, 1h; --timeout also takes whole
@@ -101,7 +101,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
     pub vcpus: u32,
-    /// Guest RAM: a multiple of 2 MiB with an optional K/M/G suffix (18M..=3G).
+    /// Guest RAM: a multiple of 2 MiB with an optional K/M/G suffix (18M..=64G). Up to 3G
+    /// it lies at [0, size); the rest of a bigger guest lies above the MMIO hole, at
+    /// [4G, 4G + size - 3G). A size the host cannot map or address is refused.
     #[arg(long, default_value = "256M", allow_hyphen_values = true, value_parser = values::mem)]
     pub mem: u64,
     /// APF protocol offered to the guest.
@@ -119,9 +121,15 @@ pub struct RunArgs {
     /// Scheduler quantum in microseconds (the guest's LAPIC timer period; 0 = no preemption).
     #[arg(long, default_value_t = 10_000, allow_hyphen_values = true)]
     pub quantum_us: u32,
-    /// Total bytes the scan tasks walk, K/M/G suffix (default: all workload memory).
+    /// Total bytes the scan tasks walk, K/M/G suffix (default: all workload memory of the
+    /// RAM region they start in).
     #[arg(long, allow_hyphen_values = true, value_parser = values::size)]
     pub scan_size: Option<u64>,
+    /// Guest-physical address where the scans' memory starts, K/M/G suffix (default 16M,
+    /// the start of workload memory); the scans share the rest of the RAM region holding
+    /// it, e.g. `--scan-at 4G` on a guest of more than 3G scans memory above the MMIO hole.
+    #[arg(long, allow_hyphen_values = true, value_parser = values::size)]
+    pub scan_at: Option<u64>,
     /// Passes of each scan task (at least 1).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub scan_passes: u64,

@@ -51,7 +51,8 @@ fn config(args: &RunArgs, snapshot: bool) -> anyhow::Result<VmConfig> {
         &args.workload,
         WorkloadParams {
             vcpus: args.vcpus,
-            ram_end: args.mem,
+            mem_size: args.mem,
+            scan_at: args.scan_at,
             scan_bytes: args.scan_size,
             scan_passes: if snapshot {
                 args.scan_passes.max(2)

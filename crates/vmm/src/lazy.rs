@@ -1,4 +1,4 @@
-//! Lazily served guest memory: a range of RAM mapped empty and registered with
+//! Lazily served guest memory: ranges of RAM mapped empty and registered with
 //! userfaultfd through `crates/pager`, each page fetched from a verified [`PageSource`] when
 //! a vCPU (or the VMM) first touches it, prefetched per policy, each fetch delayed by an
 //! added latency. The pager reports faults, arrivals and failures to the run through a
@@ -17,8 +17,8 @@ use crate::memory::GuestRam;
 /// What to serve lazily, and how.
 #[derive(Debug, Clone)]
 pub struct LazyPlan {
-    /// Guest-physical range served on demand (page aligned).
-    pub range: Range<u64>,
+    /// Guest-physical ranges served on demand (page aligned, each inside one RAM region).
+    pub ranges: Vec<Range<u64>>,
     /// Where its pages come from (verified per chunk).
     pub source: Arc<dyn PageSource>,
     /// Added delay per fetch.
@@ -54,21 +54,25 @@ pub struct LazyMemory {
 }
 
 impl LazyMemory {
-    /// Registers `plan.range` of `ram` (still untouched) with a new pager and starts it.
+    /// Registers `plan.ranges` of `ram` (still untouched) with a new pager and starts it.
     pub fn start(
         plan: LazyPlan,
         ram: &Arc<GuestRam>,
         observer: Arc<dyn PagerObserver>,
     ) -> Result<LazyMemory> {
-        let len = usize::try_from(plan.range.end - plan.range.start)
-            .map_err(|_| VmmError::Config(format!("lazy range {:#x?} too large", plan.range)))?;
-        let host = ram.host_ptr(plan.range.start, len)?;
-        // SAFETY: `host` is the start of `len` bytes of guest RAM: a private anonymous mapping
-        // owned by `ram`, which this value keeps alive until the pager is stopped (`stop`
-        // or drop). Nothing in the VMM treats guest RAM as typed Rust values.
-        let region = unsafe { GuestRegion::new(plan.range.start, host, len) };
+        let mut regions = Vec::with_capacity(plan.ranges.len());
+        for range in &plan.ranges {
+            let len = usize::try_from(range.end - range.start)
+                .map_err(|_| VmmError::Config(format!("lazy range {range:#x?} too large")))?;
+            // Inside one RAM region, so one host mapping (checked by `host_ptr`).
+            let host = ram.host_ptr(range.start, len)?;
+            // SAFETY: `host` is the start of `len` bytes of guest RAM: a private anonymous
+            // mapping owned by `ram`, which this value keeps alive until the pager is stopped
+            // (`stop` or drop). Nothing in the VMM treats guest RAM as typed Rust values.
+            regions.push(unsafe { GuestRegion::new(range.start, host, len) });
+        }
         let pager = Pager::start(
-            vec![region],
+            regions,
             Arc::clone(&plan.source),
             observer,
             &PagerConfig {
@@ -90,7 +94,7 @@ impl LazyMemory {
             source: self.plan.source.describe(),
             prefetch: self.plan.prefetch,
             fetch_latency: self.plan.latency.to_string(),
-            lazy_bytes: self.plan.range.end - self.plan.range.start,
+            lazy_bytes: self.plan.ranges.iter().map(|r| r.end - r.start).sum(),
             resident_pages: self.pager.handle().resident_pages(),
             pager: self.pager.stats(),
         }
@@ -110,12 +114,15 @@ impl LazyMemory {
             let page_end = ((at / PAGE) + 1) * PAGE;
             let piece_end = page_end.min(end);
             let out = &mut buf[offset(at - gpa)..offset(piece_end - gpa)];
-            if !self.plan.range.contains(&at) || self.pager.is_resident(at) {
+            let lazy = self.plan.ranges.iter().find(|r| r.contains(&at));
+            if lazy.is_none() || self.pager.is_resident(at) {
                 self.ram.read(at, out)?;
             } else {
                 let unit_start = at - at % unit;
                 if fetched.as_ref().is_none_or(|(s, _)| *s != unit_start) {
-                    let len = unit.min(self.ram.size() - unit_start);
+                    // The unit, up to the end of its range (a RAM region ends on a unit).
+                    let range_end = lazy.map_or(unit_start, |r| r.end);
+                    let len = unit.min(range_end - unit_start);
                     let mut data = vec![0u8; offset(len)];
                     source
                         .fetch(unit_start / PAGE, &mut data)

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use apf_host::SavedState;
-use guest_abi::{ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, MAX_CPUS, MAX_TASKS, TaskSpec};
+use guest_abi::{
+    ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, MAX_CPUS, MAX_RAM_REGIONS, MAX_TASKS,
+    RamRegion, TaskSpec,
+};
 use kvm_ioctls::Kvm;
 
 use crate::config::{ApfPath, VmConfig};
@@ -67,7 +70,7 @@ impl EmptyMachine {
         };
         validate(&config)?;
         let kvm = vm::open_kvm()?;
-        let ram = Arc::new(GuestRam::new(config.mem_size)?);
+        let ram = Arc::new(new_ram(&kvm, config.mem_size)?);
         let vm = Arc::new(Vm::create(&kvm, config.halt, !apf.kvm_owns_msrs(), ram)?);
         Ok(EmptyMachine {
             config,
@@ -159,9 +162,47 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+/// The guest-physical address width KVM gives guests (CPUID 0x8000_0008 EAX[7:0]); `None`
+/// when KVM does not say.
+fn guest_phys_bits(kvm: &Kvm) -> Option<u32> {
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()?;
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| e.eax & 0xff)
+        .filter(|&bits| bits != 0)
+}
+
+/// Guest RAM of `size` bytes in its regions, refused clearly when the host cannot give it:
+/// RAM the guest's physical address width cannot reach, or a mapping the host refuses.
+fn new_ram(kvm: &Kvm, size: u64) -> Result<GuestRam> {
+    let end = layout::ram_end(size);
+    if let Some(bits) = guest_phys_bits(kvm)
+        && end > 1u64.checked_shl(bits).unwrap_or(u64::MAX)
+    {
+        return Err(VmmError::Config(format!(
+            "memory size {}: RAM would end at {end:#x}, beyond the {bits}-bit guest-physical \
+             addresses this host's KVM offers",
+            layout::human_size(size)
+        )));
+    }
+    Ok(GuestRam::new(&layout::ram_regions(size))?)
+}
+
 fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {
     let mut tasks = [TaskSpec::default(); MAX_TASKS];
     tasks[..cfg.tasks.len()].copy_from_slice(&cfg.tasks);
+    let regions = layout::ram_regions(cfg.mem_size);
+    let mut ram_regions = [RamRegion::default(); MAX_RAM_REGIONS];
+    for (slot, r) in ram_regions.iter_mut().zip(&regions) {
+        *slot = RamRegion {
+            start: r.start,
+            size: r.end - r.start,
+        };
+    }
     BootInfo {
         magic: BOOT_MAGIC,
         version: ABI_VERSION,
@@ -171,6 +212,9 @@ fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {
         quantum_us: cfg.quantum_us,
         task_count: u32::try_from(cfg.tasks.len()).unwrap_or(0),
         tasks,
+        ram_region_count: u32::try_from(regions.len().min(MAX_RAM_REGIONS)).unwrap_or(0),
+        reserved: 0,
+        ram_regions,
     }
 }
 
@@ -185,7 +229,7 @@ impl Machine {
             &kvm,
             cfg.halt,
             true,
-            Arc::new(GuestRam::new(cfg.mem_size)?),
+            Arc::new(new_ram(&kvm, cfg.mem_size)?),
         )?);
         let ram = vm.ram();
         layout::write_boot_tables(ram)?;

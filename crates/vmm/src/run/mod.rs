@@ -99,7 +99,8 @@ fn shared_state(
     let mut engine = EngineConfig::new(
         PvFeatures(cpuid::pv_features(cfg.apf)),
         vcpus,
-        RamMap::single(0..vm.ram().size()),
+        // The RAM regions: an APF area in the MMIO hole or past the end is #GP.
+        RamMap::new(vm.ram().regions().iter().cloned()),
     );
     if let Some(limit) = opts.apf.max_outstanding {
         engine.max_outstanding_per_vcpu = limit.max(1);
@@ -110,7 +111,7 @@ fn shared_state(
             faults_to_apf: opts.apf.faults_to_apf,
             lazy: match memory {
                 Memory::Resident => Vec::new(),
-                Memory::Lazy(plan) => vec![plan.range.clone()],
+                Memory::Lazy(plan) => plan.ranges.clone(),
             },
         },
         Arc::clone(vm),
