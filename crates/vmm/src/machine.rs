@@ -55,6 +55,17 @@ impl EmptyMachine {
     /// for the APF path `apf`: `hlt` handling and the MSR filter follow it
     /// ([`ApfPath::halt`], [`ApfPath::kvm_owns_msrs`]). Guest RAM is mapped and empty.
     pub fn create(snapshot: &Snapshot, apf: ApfPath) -> Result<EmptyMachine> {
+        let ram = GuestRam::new(snapshot.manifest.config.mem_size)?;
+        Self::create_on(snapshot, apf, Arc::new(ram))
+    }
+
+    /// [`EmptyMachine::create`] on RAM the caller mapped (of the snapshot's memory size): a
+    /// clone's private mapping of the shared page cache.
+    pub fn create_on(
+        snapshot: &Snapshot,
+        apf: ApfPath,
+        ram: Arc<GuestRam>,
+    ) -> Result<EmptyMachine> {
         let m = &snapshot.manifest;
         let config = VmConfig {
             vcpus: m.config.vcpus,
@@ -66,8 +77,14 @@ impl EmptyMachine {
             halt: apf.halt(),
         };
         validate(&config)?;
+        if ram.size() != config.mem_size {
+            return Err(VmmError::Config(format!(
+                "{} bytes of RAM for a snapshot of {}",
+                ram.size(),
+                config.mem_size
+            )));
+        }
         let kvm = vm::open_kvm()?;
-        let ram = Arc::new(GuestRam::new(config.mem_size)?);
         let vm = Arc::new(Vm::create(&kvm, config.halt, !apf.kvm_owns_msrs(), ram)?);
         Ok(EmptyMachine {
             config,

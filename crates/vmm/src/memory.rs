@@ -82,6 +82,26 @@ impl GuestRam {
         Ok(GuestRam { mem, size })
     }
 
+    /// Maps the first `size` bytes of `file` privately (copy on write) as RAM: the guest
+    /// reads the file's pages, its writes are its own. Clones of one snapshot each map the
+    /// shared page cache this way (`crate::clones`).
+    pub fn private_file(file: std::fs::File, size: u64) -> Result<GuestRam> {
+        let map = |reason: String| MemoryError::Map { size, reason };
+        let len =
+            usize::try_from(size).map_err(|_| map("does not fit the address space".into()))?;
+        let region = vm_memory::MmapRegion::build(
+            Some(vm_memory::FileOffset::new(file, 0)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map(e.to_string()))?;
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| map("the region does not fit the guest address space".into()))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| map(e.to_string()))?;
+        Ok(GuestRam { mem, size })
+    }
+
     /// Bytes of RAM.
     pub fn size(&self) -> u64 {
         self.size

@@ -25,7 +25,6 @@ use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
 use crate::lazy::LazyPlan;
 use crate::machine::EmptyMachine;
-use crate::memory::GuestRam;
 use crate::report::{RestoreMode, RestoreReport, RunReport};
 use crate::run::observer::RunObserver;
 use crate::run::{self, ApfOptions, Memory, RunOptions, SnapshotPlan};
@@ -83,8 +82,13 @@ impl RestoreOptions {
 /// Bytes read from the source per request while loading memory eagerly.
 const EAGER_BLOCK: u64 = 4 << 20;
 
-/// Loads `[0, end)` of `ram` from `source` (verified per chunk) before any vCPU runs.
-fn load_eager(ram: &GuestRam, source: &dyn PageSource, end: u64) -> Result<()> {
+/// Loads `[0, end)` of guest memory from `source` (verified per chunk) before any vCPU
+/// runs, block by block into `write(gpa, bytes)`: guest RAM, or the clones' shared cache.
+pub(crate) fn load_eager(
+    source: &dyn PageSource,
+    end: u64,
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
     let mut buf = vec![0u8; usize::try_from(EAGER_BLOCK).unwrap_or(0)];
     let mut off = 0;
     while off < end {
@@ -92,7 +96,7 @@ fn load_eager(ram: &GuestRam, source: &dyn PageSource, end: u64) -> Result<()> {
         source
             .fetch(off / pager::PAGE_SIZE as u64, &mut buf[..n])
             .map_err(|e| VmmError::source(source.describe(), e))?;
-        ram.write(off, &buf[..n])?;
+        write(off, &buf[..n])?;
         off += n as u64;
     }
     Ok(())
@@ -121,7 +125,8 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         mem_size
     };
     let empty = EmptyMachine::create(&snap, opts.apf)?;
-    load_eager(empty.ram(), &*source, eager_end)?;
+    let ram = empty.ram();
+    load_eager(&*source, eager_end, |gpa, bytes| Ok(ram.write(gpa, bytes)?))?;
     let machine = empty.load_state(&snap)?;
     let source_name = source.describe();
     let memory = if opts.lazy {
