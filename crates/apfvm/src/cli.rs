@@ -220,6 +220,17 @@ the guest runs. Lazy: the first 16 MiB (kernel, tables, stacks) are loaded eager
 memory is mapped empty and served page by page through userfaultfd from the memory file
 (each 64 KiB chunk verified before it is mapped), each fetch delayed by --fetch-latency.
 
+CLONES: --clones N restores N guests in one process from one snapshot: the memory source is
+read once into a shared page cache (a memfd; the first 16 MiB eagerly, the rest chunk by
+chunk on the first fault of any clone, a chunk in flight joined by the others), which every
+clone maps copy-on-write: its writes are its own. Each clone runs with its own vCPU threads,
+APF driver and userfaultfd; a clone that dies ends alone. The summary (and --json) has one
+entry per clone (exit status, time to done, faults, APFs, pages written) and the totals:
+bytes read from the source, the guests' host memory (shared cache + the clones' own pages;
+PSS), wall time. Refused (status 125) before anything runs when (N + 1) x the guest's RAM
+exceeds MemAvailable (the worst case: every clone writes all of its memory). A source that
+fails stops every clone with the same error (status 125). Consoles are not echoed.
+
 FETCH LATENCY: 0 | DUR | uniform:DUR..DUR | exp:DUR (mean); DUR a number with a unit, like
 20ms, 250us, 1500us, 2s; at most 1h.
 
@@ -235,7 +246,8 @@ Examples:
   apfvm restore /tmp/snap --lazy --fetch-latency 20ms --json out.json
   apfvm restore /tmp/snap --lazy --apf off --fetch-latency 1ms
   apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms
-  apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill",
+  apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill
+  apfvm restore /tmp/snap --lazy --clones 8 --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --json clones.json",
     status::RUN_HELP
 ))]
 pub struct RestoreArgs {
@@ -284,6 +296,11 @@ pub struct RestoreArgs {
     /// 48 tasks (`--workload hostile:flood`, docs/reliability.md).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub apf_max_outstanding: Option<u64>,
+    /// Run N guests from the snapshot at once (lazy restores), sharing one host page cache:
+    /// each chunk fetched once from the memory source and mapped copy-on-write into every
+    /// clone (see CLONES).
+    #[arg(long, value_name = "N", requires = "lazy", conflicts_with = "snapshot_out", allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub clones: Option<u32>,
 }
 
 /// `apfvm demo` options.
