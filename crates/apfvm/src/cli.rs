@@ -455,7 +455,8 @@ Exit status: 0; 125 when something fails (bad option, no /dev/kvm, no NBD server
 failed or read wrong memory, Ctrl-C).
 
 Example:
-  apfvm bench-clones --clones 8 --mem 256M --workload scan:4 --fetch-latency 1ms --json clones.json")]
+  apfvm bench-clones --clones 8 --mem 256M --workload scan:4 --fetch-latency 1ms --json clones.json
+  apfvm bench-clones --prefetch readahead --repeats 3")]
 pub struct BenchClonesArgs {
     /// Clones restored at once.
     #[arg(long, default_value_t = 8, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -474,6 +475,12 @@ pub struct BenchClonesArgs {
     /// Where the memory comes from.
     #[arg(long, value_enum, default_value_t = ServerArg::QemuNbd)]
     pub server: ServerArg,
+    /// Who turns a missing page into an APF, in both restores (the guest offers v2).
+    #[arg(long, value_enum, default_value_t = RestoreApf::On)]
+    pub apf: RestoreApf,
+    /// Prefetch of both restores: none, readahead or fill.
+    #[arg(long, default_value = "none", value_parser = values::prefetch())]
+    pub prefetch: Prefetch,
     /// Runs of each (medians are reported).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub repeats: u64,

@@ -4,8 +4,8 @@
 //! ratios the issue set as targets.
 //!
 //! ```text
-//! snapshot (temporary dir) ─► server (qemu-nbd or nbdkit on a unix socket, or the file)
-//!   ─► per repeat: single = vmm::restore (lazy, userspace APF; its RAM measured at the end)
+//! snapshot (temporary dir, the guest booted with APF v2) ─► server (qemu-nbd or nbdkit on a unix socket, or the file)
+//!   ─► per repeat: single = vmm::restore (lazy, --apf, --prefetch; its RAM measured at the end)
 //!                  clones = vmm::clones::restore_clones (N clones; measured by it)
 //!   ─► medians ─► ratios against the targets ─► table + JSON
 //! ```
@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pager::{FetchLatency, NbdUrl};
+use pager::{FetchLatency, NbdUrl, Prefetch};
 use vmm::clones::{CloneOptions, ClonesReport};
 use vmm::host_memory::{self, MappingUsage};
 use vmm::memory::GuestRam;
@@ -48,8 +48,12 @@ pub struct ClonesBenchOptions {
     pub workload: String,
     /// The APF protocol the guest is booted with (restores use userspace APF).
     pub apf: ApfMode,
+    /// Who turns missing pages into APFs, in both restores.
+    pub apf_path: ApfPath,
     /// Added delay per 64 KiB fetch.
     pub fetch_latency: Duration,
+    /// The pager's prefetch policy, in both restores.
+    pub prefetch: Prefetch,
     /// The NBD server of the memory file (`None`: the snapshot's file itself).
     pub server: Option<ServerKind>,
     /// Repeats (medians are reported).
@@ -105,6 +109,10 @@ pub struct ClonesBenchResults {
     pub workload: String,
     /// Fetch latency, µs.
     pub fetch_latency_us: u64,
+    /// The APF path of both restores.
+    pub apf_path: ApfPath,
+    /// The prefetch policy of both restores.
+    pub prefetch: Prefetch,
     /// Where memory came from.
     pub source: String,
     /// Repeats.
@@ -173,8 +181,9 @@ fn snapshot(o: &ClonesBenchOptions, out: &Path) -> Result<()> {
 fn restore_options(dir: &Path, o: &ClonesBenchOptions, url: Option<&NbdUrl>) -> RestoreOptions {
     let mut r = RestoreOptions::new(dir);
     r.lazy = true;
-    r.apf = ApfPath::Userspace;
+    r.apf = o.apf_path;
     r.fetch_latency = FetchLatency::Fixed(o.fetch_latency);
+    r.prefetch = o.prefetch;
     r.timeout = Some(TIMEOUT);
     r.interrupt = Some(std::sync::Arc::clone(interrupt::flag()));
     r.source = SourceOptions {
@@ -363,6 +372,8 @@ pub fn bench_clones(o: &ClonesBenchOptions) -> Result<ClonesBenchOutcome> {
         vcpus: o.vcpus,
         workload: o.workload.clone(),
         fetch_latency_us: micros(o.fetch_latency),
+        apf_path: o.apf_path,
+        prefetch: o.prefetch,
         source,
         repeats: samples.len(),
         single,
@@ -388,12 +399,14 @@ fn table(r: &ClonesBenchResults, last: Option<&ClonesReport>) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "apfvm bench-clones: {} clones of a {} MiB guest ({} vCPU, {}), fetch latency {:?} per 64 KiB chunk, memory from {}; median of {} interleaved runs",
+        "apfvm bench-clones: {} clones of a {} MiB guest ({} vCPU, {}), APF path {}, fetch latency {:?} per 64 KiB chunk, prefetch {}, memory from {}; median of {} interleaved runs",
         r.clones,
         r.mem_size >> 20,
         r.vcpus,
         r.workload,
+        r.apf_path,
         Duration::from_micros(r.fetch_latency_us),
+        r.prefetch,
         r.source,
         r.repeats
     );
