@@ -1,6 +1,7 @@
 //! `apfvm restore --clones N` end to end: the summary and JSON (one entry per clone, the
 //! totals), the single-restore JSON left as it was, and bad input refused with status 125
-//! before anything runs. Prints exactly `SKIPPED: no /dev/kvm` where KVM is absent.
+//! before anything runs; `bench-clones` (from nbdkit). Prints exactly `SKIPPED: no /dev/kvm`
+//! (or `SKIPPED: nbdkit not installed`) where that is absent.
 
 mod common;
 
@@ -112,4 +113,49 @@ fn bad_clone_counts_are_refused_with_status_125_before_anything_runs() {
     assert!(e.contains("--lazy"), "{e}");
     let e = run(&["--lazy", "--clones", "2", "--snapshot-out", "/tmp/x"]);
     assert!(e.contains("--snapshot-out"), "{e}");
+}
+
+#[test]
+fn bench_clones_prints_its_table_and_writes_json() {
+    if !testkit::require_kvm() || !testkit::require_nbdkit() {
+        return;
+    }
+    let dir = scratch("bench-clones");
+    let json = dir.join("bench.json");
+    let out = apfvm()
+        .args([
+            "bench-clones",
+            "--clones",
+            "2",
+            "--mem",
+            "64M",
+            "--workload",
+            "scan:2",
+        ])
+        .args(["--server", "nbdkit", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for row in [
+        "one restore",
+        "2 clones",
+        "target: bytes read from the source",
+    ] {
+        assert!(stdout.contains(row), "no {row}:\n{stdout}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["clones"], 2);
+    assert_eq!(v["targets"].as_array().unwrap().len(), 3);
+    let (single, clones) = (&v["single"], &v["clones_run"]);
+    assert_eq!(single["source_bytes"], 64 << 20, "{single}");
+    // Each chunk once: no more than one guest's bytes.
+    assert_eq!(clones["source_bytes"], 64 << 20, "{clones}");
+    assert!(
+        clones["host_bytes"].as_u64().unwrap() < 2 * (64 << 20),
+        "{clones}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
