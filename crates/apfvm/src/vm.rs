@@ -179,6 +179,7 @@ fn restore_clones(
     json: Option<ReportFile>,
 ) -> anyhow::Result<u8> {
     let dir = opts.dir.clone();
+    let interrupted = opts.interrupt.clone();
     let report = vmm::clones::restore_clones(
         &vmm::clones::CloneOptions {
             restore: opts,
@@ -187,6 +188,10 @@ fn restore_clones(
         &|_| Box::new(vmm::NoObserver),
     )
     .with_context(|| format!("restoring {} clones of {}", clones, dir.display()))?;
+    // SIGINT/SIGTERM stopped every clone: status 130, like a single restore.
+    if interrupted.is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(vmm::VmmError::Interrupted.into());
+    }
     if !quiet {
         print!("{}", report.summary());
     }

@@ -215,10 +215,11 @@ fn run_all(
                 std::thread::Builder::new()
                     .name(format!("clone{i}"))
                     .spawn_scoped(scope, move || {
+                        let _span = tracing::info_span!("clone", index = i).entered();
                         let mut observer = observers(i);
                         let r = run::run(m.machine, Memory::Clone(plan), opts, &mut *observer);
                         if let Err(e) = &r {
-                            tracing::warn!(clone = i, error = %e, "clone ended in an error");
+                            tracing::info!(clone = i, error = %e, "clone ended in an error");
                         }
                         (r.map_err(|e| e.to_string()), micros(t0))
                     })
