@@ -3,12 +3,16 @@
 //! a vCPU (or the VMM) first touches it, prefetched per policy, each fetch delayed by an
 //! added latency. The pager reports faults, arrivals and failures to the run through a
 //! [`PagerObserver`]; this module knows nothing of APF.
+//!
+//! A clone (`crate::clones`) does not own its pager: its RAM is a private mapping of the
+//! clones' shared page cache, attached to the one pager that fills it ([`ClonePlan`]).
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use pager::{
-    FetchLatency, GuestRegion, PageSource, Pager, PagerConfig, PagerObserver, PagerStats, Prefetch,
+    Attachment, FetchLatency, GuestRegion, PageSource, Pager, PagerConfig, PagerHandle,
+    PagerObserver, PagerStats, Prefetch,
 };
 
 use crate::error::{Result, VmmError};
@@ -25,6 +29,16 @@ pub struct LazyPlan {
     pub latency: FetchLatency,
     /// Prefetch policy.
     pub prefetch: Prefetch,
+}
+
+/// A clone's lazy memory: `lazy` says what is served (for the report); `pager` is the
+/// shared-cache pager that serves it to every clone (`pager::Pager::start_shared`).
+#[derive(Debug, Clone)]
+pub struct ClonePlan {
+    /// What is served, and how.
+    pub lazy: LazyPlan,
+    /// The pager that fills the shared cache.
+    pub pager: PagerHandle,
 }
 
 /// The lazy section of a run's report.
@@ -44,13 +58,44 @@ pub struct LazyReport {
     pub pager: PagerStats,
 }
 
-/// A running pager over part of guest RAM. Holds the RAM alive: the pager writes into it
-/// until it is stopped.
+/// A running pager over part of guest RAM (or a clone's attachment to the shared one).
+/// Holds the RAM alive: the pager writes into it until it is stopped.
 #[derive(Debug)]
 pub struct LazyMemory {
-    pager: Pager,
+    backend: Backend,
     plan: LazyPlan,
     ram: Arc<GuestRam>,
+}
+
+#[derive(Debug)]
+enum Backend {
+    /// A pager of its own.
+    Own(Pager),
+    /// A clone attached to the shared-cache pager.
+    Clone {
+        pager: PagerHandle,
+        attachment: Attachment,
+    },
+}
+
+/// `ranges` of `ram` as pager regions.
+fn regions(ranges: &[Range<u64>], ram: &GuestRam) -> Result<Vec<GuestRegion>> {
+    ranges
+        .iter()
+        .map(|range| {
+            let len = usize::try_from(range.end - range.start)
+                .map_err(|_| VmmError::Config(format!("lazy range {range:#x?} too large")))?;
+            // Inside one RAM region, so one host mapping (checked by `host_ptr`).
+            let host = ram.host_ptr(range.start, len)?;
+            // SAFETY: `host` is the start of `len` bytes of guest RAM: a private mapping
+            // (anonymous, or of the clones' shared cache) owned by `ram`, which the
+            // `LazyMemory` holding this region keeps alive until its pager is stopped (or,
+            // for a clone, until the run is over; the shared pager only wakes its threads,
+            // it never writes into it). Nothing in the VMM treats guest RAM as typed Rust
+            // values.
+            Ok(unsafe { GuestRegion::new(range.start, host, len) })
+        })
+        .collect()
 }
 
 impl LazyMemory {
@@ -60,19 +105,8 @@ impl LazyMemory {
         ram: &Arc<GuestRam>,
         observer: Arc<dyn PagerObserver>,
     ) -> Result<LazyMemory> {
-        let mut regions = Vec::with_capacity(plan.ranges.len());
-        for range in &plan.ranges {
-            let len = usize::try_from(range.end - range.start)
-                .map_err(|_| VmmError::Config(format!("lazy range {range:#x?} too large")))?;
-            // Inside one RAM region, so one host mapping (checked by `host_ptr`).
-            let host = ram.host_ptr(range.start, len)?;
-            // SAFETY: `host` is the start of `len` bytes of guest RAM: a private anonymous
-            // mapping owned by `ram`, which this value keeps alive until the pager is stopped
-            // (`stop` or drop). Nothing in the VMM treats guest RAM as typed Rust values.
-            regions.push(unsafe { GuestRegion::new(range.start, host, len) });
-        }
         let pager = Pager::start(
-            regions,
+            regions(&plan.ranges, ram)?,
             Arc::clone(&plan.source),
             observer,
             &PagerConfig {
@@ -82,10 +116,37 @@ impl LazyMemory {
             },
         )?;
         Ok(LazyMemory {
-            pager,
+            backend: Backend::Own(pager),
             plan,
             ram: Arc::clone(ram),
         })
+    }
+
+    /// Attaches `plan.lazy.ranges` of a clone's `ram` (its private mapping of the shared
+    /// cache, untouched there) to the shared pager; its faults go to `observer`.
+    pub fn attach(
+        plan: ClonePlan,
+        ram: &Arc<GuestRam>,
+        observer: Arc<dyn PagerObserver>,
+    ) -> Result<LazyMemory> {
+        let attachment = plan
+            .pager
+            .attach(regions(&plan.lazy.ranges, ram)?, observer)?;
+        Ok(LazyMemory {
+            backend: Backend::Clone {
+                pager: plan.pager,
+                attachment,
+            },
+            plan: plan.lazy,
+            ram: Arc::clone(ram),
+        })
+    }
+
+    fn handle(&self) -> PagerHandle {
+        match &self.backend {
+            Backend::Own(p) => p.handle(),
+            Backend::Clone { pager, .. } => pager.clone(),
+        }
     }
 
     /// The report section, now.
@@ -95,8 +156,8 @@ impl LazyMemory {
             prefetch: self.plan.prefetch,
             fetch_latency: self.plan.latency.to_string(),
             lazy_bytes: self.plan.ranges.iter().map(|r| r.end - r.start).sum(),
-            resident_pages: self.pager.handle().resident_pages(),
-            pager: self.pager.stats(),
+            resident_pages: self.handle().resident_pages(),
+            pager: self.handle().stats(),
         }
     }
 
@@ -108,6 +169,7 @@ impl LazyMemory {
         let source = &self.plan.source;
         let unit = source.unit_pages().max(1) * PAGE;
         let end = gpa + buf.len() as u64;
+        let pager = self.handle();
         let mut at = gpa;
         let mut fetched: Option<(u64, Vec<u8>)> = None;
         while at < end {
@@ -115,7 +177,7 @@ impl LazyMemory {
             let piece_end = page_end.min(end);
             let out = &mut buf[offset(at - gpa)..offset(piece_end - gpa)];
             let lazy = self.plan.ranges.iter().find(|r| r.contains(&at));
-            if lazy.is_none() || self.pager.is_resident(at) {
+            if lazy.is_none() || pager.is_resident(at) {
                 self.ram.read(at, out)?;
             } else {
                 let unit_start = at - at % unit;
@@ -139,9 +201,16 @@ impl LazyMemory {
     }
 
     /// Stops the pager (after the vCPUs: closing the userfaultfd turns missing pages into
-    /// zero pages) and returns its final counters.
+    /// zero pages) and returns its final counters. A clone detaches from the shared pager
+    /// (which goes on serving the others) and returns its counters so far.
     pub fn stop(self) -> PagerStats {
-        self.pager.stop()
+        match self.backend {
+            Backend::Own(p) => p.stop(),
+            Backend::Clone { pager, attachment } => {
+                attachment.detach();
+                pager.stats()
+            }
+        }
     }
 }
 

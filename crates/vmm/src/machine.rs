@@ -58,6 +58,38 @@ impl EmptyMachine {
     /// for the APF path `apf`: `hlt` handling and the MSR filter follow it
     /// ([`ApfPath::halt`], [`ApfPath::kvm_owns_msrs`]). Guest RAM is mapped and empty.
     pub fn create(snapshot: &Snapshot, apf: ApfPath) -> Result<EmptyMachine> {
+        Self::create_with(snapshot, apf, |kvm, size| Ok(Arc::new(new_ram(kvm, size)?)))
+    }
+
+    /// [`EmptyMachine::create`] on RAM the caller mapped (the regions of the snapshot's
+    /// memory size, [`layout::ram_regions`]): a clone's private mapping of the shared page
+    /// cache.
+    pub fn create_on(
+        snapshot: &Snapshot,
+        apf: ApfPath,
+        ram: Arc<GuestRam>,
+    ) -> Result<EmptyMachine> {
+        Self::create_with(snapshot, apf, |kvm, size| {
+            check_reachable(kvm, size)?;
+            let regions = layout::ram_regions(size);
+            if ram.regions() != regions.as_slice() {
+                return Err(VmmError::Config(format!(
+                    "RAM regions {:#x?} for a snapshot of {} (regions {regions:#x?})",
+                    ram.regions(),
+                    layout::human_size(size)
+                )));
+            }
+            Ok(ram)
+        })
+    }
+
+    /// The VM of `snapshot` (its configuration validated first) on the RAM `ram` gives for
+    /// its memory size.
+    fn create_with(
+        snapshot: &Snapshot,
+        apf: ApfPath,
+        ram: impl FnOnce(&Kvm, u64) -> Result<Arc<GuestRam>>,
+    ) -> Result<EmptyMachine> {
         let m = &snapshot.manifest;
         let config = VmConfig {
             vcpus: m.config.vcpus,
@@ -70,7 +102,7 @@ impl EmptyMachine {
         };
         validate(&config)?;
         let kvm = vm::open_kvm()?;
-        let ram = Arc::new(new_ram(&kvm, config.mem_size)?);
+        let ram = ram(&kvm, config.mem_size)?;
         let vm = Arc::new(Vm::create(&kvm, config.halt, !apf.kvm_owns_msrs(), ram)?);
         Ok(EmptyMachine {
             config,
@@ -179,6 +211,13 @@ fn guest_phys_bits(kvm: &Kvm) -> Option<u32> {
 /// Guest RAM of `size` bytes in its regions, refused clearly when the host cannot give it:
 /// RAM the guest's physical address width cannot reach, or a mapping the host refuses.
 fn new_ram(kvm: &Kvm, size: u64) -> Result<GuestRam> {
+    check_reachable(kvm, size)?;
+    Ok(GuestRam::new(&layout::ram_regions(size))?)
+}
+
+/// Refuses RAM of `size` bytes that would end beyond the guest-physical addresses this
+/// host's KVM offers.
+fn check_reachable(kvm: &Kvm, size: u64) -> Result<()> {
     let end = layout::ram_end(size);
     if let Some(bits) = guest_phys_bits(kvm)
         && end > 1u64.checked_shl(bits).unwrap_or(u64::MAX)
@@ -189,7 +228,7 @@ fn new_ram(kvm: &Kvm, size: u64) -> Result<GuestRam> {
             layout::human_size(size)
         )));
     }
-    Ok(GuestRam::new(&layout::ram_regions(size))?)
+    Ok(())
 }
 
 fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {

@@ -6,11 +6,15 @@
 //! needs the mapping's host address). Everything else reads and writes guest memory through
 //! [`GuestRam`]'s bounds-checked accessors, by [`GuestAddress`].
 
+use std::fs::File;
 use std::ops::Range;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// A guest memory operation that failed.
@@ -92,6 +96,46 @@ impl GuestRam {
             })
             .collect::<Result<Vec<_>>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map(e.to_string()))?;
+        Ok(GuestRam {
+            mem,
+            regions: regions.to_vec(),
+            size,
+        })
+    }
+
+    /// Maps `file` privately (copy on write) as RAM of `regions` (as for [`GuestRam::new`]),
+    /// each region at the file offset equal to its guest-physical address: the guest reads
+    /// the file's pages, its writes are its own. The file must reach the end of the last
+    /// region (where it holds nothing, as in the MMIO hole, a sparse file costs nothing).
+    /// Clones of one snapshot each map the shared page cache this way (`crate::clones`).
+    pub fn private_file(file: &Arc<File>, regions: &[Range<u64>]) -> Result<GuestRam> {
+        let size: u64 = regions.iter().map(|r| r.end - r.start).sum();
+        let map = |reason: String| MemoryError::Map { size, reason };
+        let end = regions.last().map_or(0, |r| r.end);
+        let file_len = file.metadata().map_err(|e| map(e.to_string()))?.len();
+        if file_len < end {
+            // Pages past the end of the file would raise SIGBUS, not read as RAM.
+            return Err(map(format!(
+                "the file holds {file_len} bytes, RAM ends at {end:#x}"
+            )));
+        }
+        let mapped = regions
+            .iter()
+            .map(|r| {
+                let len = usize::try_from(r.end - r.start)
+                    .map_err(|_| map("does not fit the address space".into()))?;
+                let region = vm_memory::MmapRegion::build(
+                    Some(FileOffset::from_arc(Arc::clone(file), r.start)),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                )
+                .map_err(|e| map(e.to_string()))?;
+                vm_memory::GuestRegionMmap::new(region, GuestAddress(r.start))
+                    .ok_or_else(|| map("the region does not fit the guest address space".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| map(e.to_string()))?;
         Ok(GuestRam {
             mem,
             regions: regions.to_vec(),

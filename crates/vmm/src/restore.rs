@@ -29,7 +29,6 @@ use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
 use crate::lazy::LazyPlan;
 use crate::machine::EmptyMachine;
-use crate::memory::GuestRam;
 use crate::report::{RestoreMode, RestoreReport, RunReport};
 use crate::run::observer::RunObserver;
 use crate::run::{self, ApfOptions, Memory, RunOptions, SnapshotPlan};
@@ -87,10 +86,16 @@ impl RestoreOptions {
 /// Bytes read from the source per request while loading memory eagerly.
 const EAGER_BLOCK: u64 = 4 << 20;
 
-/// Loads `ranges` of `ram` from `source` (guest pages, verified per chunk) before any vCPU
-/// runs. Blocks of zeros are not written: fresh guest RAM reads as zeros already, and a big
-/// guest's untouched memory then costs the host nothing.
-fn load_eager(ram: &GuestRam, source: &dyn PageSource, ranges: &[Range<u64>]) -> Result<()> {
+/// Loads `ranges` of guest memory from `source` (guest pages, verified per chunk) before
+/// any vCPU runs, block by block into `write(gpa, bytes)`: guest RAM, or the clones' shared
+/// cache (guest-physical address = cache offset). Blocks of zeros are not written: fresh
+/// guest RAM and a sparse cache read as zeros already, and a big guest's untouched memory
+/// then costs the host nothing.
+pub(crate) fn load_eager(
+    source: &dyn PageSource,
+    ranges: &[Range<u64>],
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
     let mut buf = vec![0u8; usize::try_from(EAGER_BLOCK).unwrap_or(0)];
     for range in ranges {
         let mut off = range.start;
@@ -100,7 +105,7 @@ fn load_eager(ram: &GuestRam, source: &dyn PageSource, ranges: &[Range<u64>]) ->
                 .fetch(off / pager::PAGE_SIZE as u64, &mut buf[..n])
                 .map_err(|e| VmmError::source(source.describe(), e))?;
             if !crate::memory::is_zero(&buf[..n]) {
-                ram.write(off, &buf[..n])?;
+                write(off, &buf[..n])?;
             }
             off += n as u64;
         }
@@ -111,7 +116,7 @@ fn load_eager(ram: &GuestRam, source: &dyn PageSource, ranges: &[Range<u64>]) ->
 /// Splits RAM into what a restore loads before the first instruction and what it serves
 /// on demand: everything eager, or (lazy) `[0, WORKLOAD_GPA)` eager and the rest of every
 /// RAM region lazy.
-fn split_ram(ram: &[Range<u64>], lazy: bool) -> (Vec<Range<u64>>, Vec<Range<u64>>) {
+pub(crate) fn split_ram(ram: &[Range<u64>], lazy: bool) -> (Vec<Range<u64>>, Vec<Range<u64>>) {
     if !lazy {
         return (ram.to_vec(), Vec::new());
     }
@@ -142,9 +147,10 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
     };
     let source = source::open(&snap, &opts.source)?;
     let empty = EmptyMachine::create(&snap, opts.apf)?;
-    let (eager, lazy) = split_ram(empty.ram().regions(), opts.lazy);
+    let ram = empty.ram();
+    let (eager, lazy) = split_ram(ram.regions(), opts.lazy);
     let eager_bytes = eager.iter().map(|r| r.end - r.start).sum();
-    load_eager(empty.ram(), &*source, &eager)?;
+    load_eager(&*source, &eager, |gpa, bytes| Ok(ram.write(gpa, bytes)?))?;
     let machine = empty.load_state(&snap)?;
     let source_name = source.describe();
     let memory = if opts.lazy {

@@ -31,7 +31,7 @@ use crate::kick::{self, Kicker};
 use crate::kvm::cpuid;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::Vm;
-use crate::lazy::{LazyMemory, LazyPlan};
+use crate::lazy::{ClonePlan, LazyMemory, LazyPlan};
 use crate::machine::Machine;
 use crate::report::{self, RunReport, SnapshotReport};
 use observer::RunObserver;
@@ -83,6 +83,8 @@ pub enum Memory {
     Resident,
     /// Part of RAM arrives on demand.
     Lazy(LazyPlan),
+    /// Part of RAM arrives on demand into the page cache this clone shares with others.
+    Clone(ClonePlan),
 }
 
 /// The APF driver for this machine (the MSRs of a restored guest loaded) and what every
@@ -112,6 +114,7 @@ fn shared_state(
             lazy: match memory {
                 Memory::Resident => Vec::new(),
                 Memory::Lazy(plan) => plan.ranges.clone(),
+                Memory::Clone(plan) => plan.lazy.ranges.clone(),
             },
         },
         Arc::clone(vm),
@@ -184,6 +187,11 @@ impl Session {
         let lazy = match memory {
             Memory::Resident => None,
             Memory::Lazy(plan) => Some(LazyMemory::start(
+                plan,
+                vm.ram(),
+                Arc::clone(&shared) as Arc<dyn PagerObserver>,
+            )?),
+            Memory::Clone(plan) => Some(LazyMemory::attach(
                 plan,
                 vm.ram(),
                 Arc::clone(&shared) as Arc<dyn PagerObserver>,
