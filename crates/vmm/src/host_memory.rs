@@ -118,4 +118,29 @@ mod tests {
         assert_eq!(u.anonymous_bytes, 3 * 4096, "{u:?}");
         assert!(mem_available().unwrap() > 0);
     }
+
+    #[test]
+    fn ranges_side_by_side_are_one() {
+        assert_eq!(coalesce(&[8..12, 0..4, 4..6, 10..16]), [0..6, 8..16]);
+        assert_eq!(coalesce(&[]), []);
+    }
+
+    #[test]
+    fn clone_ram_above_the_hole_counts_in_every_region() {
+        // A clone's RAM on both sides of the MMIO hole: two private mappings of one file
+        // (at the offsets of their addresses), both measured; what the guest wrote is
+        // anonymous, the file untouched.
+        let regions = crate::layout::ram_regions((3 << 30) + (2 << 20));
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(regions[1].end).unwrap();
+        let file = std::sync::Arc::new(file);
+        let ram = GuestRam::private_file(&file, &regions).unwrap();
+        assert_eq!(host_ranges(&ram).unwrap().len(), 2);
+        assert_eq!(ram_usage(&ram).unwrap().anonymous_bytes, 0);
+        ram.write(0, &[1u8; 2 * 4096]).unwrap();
+        ram.write(4 << 30, &[1u8; 3 * 4096]).unwrap();
+        let u = ram_usage(&ram).unwrap();
+        assert_eq!(u.anonymous_bytes, 5 * 4096, "{u:?}");
+        assert!(u.rss_bytes >= 5 * 4096, "{u:?}");
+    }
 }

@@ -315,6 +315,39 @@ mod tests {
     }
 
     #[test]
+    fn a_private_file_maps_each_region_at_the_offset_of_its_address() {
+        use std::os::unix::fs::FileExt;
+        let regions = crate::layout::ram_regions((3 << 30) + (2 << 20));
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(regions[1].end).unwrap();
+        file.write_all_at(&[5u8; 8], 4 << 30).unwrap();
+        file.write_all_at(&[6u8; 8], 0x1000).unwrap();
+        let file = Arc::new(file);
+        let ram = GuestRam::private_file(&file, &regions).unwrap();
+        assert_eq!(
+            (ram.regions(), ram.size()),
+            (&regions[..], (3 << 30) + (2 << 20))
+        );
+        assert_eq!(ram.read_u32(4 << 30).unwrap(), 0x0505_0505);
+        assert_eq!(ram.read_u32(0x1000).unwrap(), 0x0606_0606);
+        assert_eq!(
+            ram.read_u32((3 << 30) - 4).unwrap(),
+            0,
+            "a hole of the file"
+        );
+        // Copy on write: the guest's writes are its own.
+        ram.write_u32(4 << 30, 9).unwrap();
+        assert_eq!(ram.read_u32(4 << 30).unwrap(), 9);
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, 4 << 30).unwrap();
+        assert_eq!(b, [5; 4]);
+        // A file that ends before RAM does is refused (its pages would be SIGBUS).
+        file.set_len(4 << 30).unwrap();
+        let e = GuestRam::private_file(&file, &regions).unwrap_err();
+        assert!(e.to_string().contains("RAM ends at 0x100200000"), "{e}");
+    }
+
+    #[test]
     fn zero_blocks_are_recognised() {
         let mut b = vec![0u8; 200 << 10];
         assert!(is_zero(&b) && is_zero(&[]));

@@ -1,7 +1,7 @@
 //! Guests of more than 3 GiB: RAM above the MMIO hole (`[4 GiB, 4 GiB + size - 3 GiB)`),
 //! identity-mapped for the guest, saved without the hole, restored eagerly, lazily (faults
-//! above 4 GiB become APFs) and from an NBD export; APF areas in the hole or past the end
-//! of RAM are #GP. Each test prints exactly `SKIPPED: no /dev/kvm` and passes where KVM is
+//! above 4 GiB become APFs), from an NBD export and as clones on one shared page cache;
+//! APF areas in the hole or past the end of RAM are #GP. Each test prints exactly `SKIPPED: no /dev/kvm` and passes where KVM is
 //! absent.
 //!
 //! Host cost: a 4 GiB guest's RAM is mapped but untouched except its low 16 MiB and the
@@ -14,10 +14,11 @@ use guest_abi::TaskKind;
 use testkit::fixture::{
     Guest, assert_every_token_answered, assert_passed, manifest_only, restore_ok, restore_options,
 };
+use vmm::clones::{CloneOptions, restore_clones};
 use vmm::snapshot::Snapshot;
 use vmm::snapshot::format::MemoryRegion;
 use vmm::source::SourceOptions;
-use vmm::{ApfMode, ApfPath, RunOptions, RunReport, SnapshotPlan};
+use vmm::{ApfMode, ApfPath, NoObserver, RunOptions, RunReport, SnapshotPlan};
 
 const GIB: u64 = 1 << 30;
 const SCAN: u64 = 4 << 20;
@@ -256,4 +257,55 @@ fn apf_areas_in_the_hole_or_past_the_end_of_a_4_gib_guest_are_gp() {
             );
         }
     }
+}
+
+/// Clones of a guest with RAM above 4 GiB (3 GiB + 16 MiB, so that the capacity check's
+/// worst case, 3 guests' worth for 2 clones, fits a small host): the shared page cache is
+/// indexed by guest-physical address, so it reaches the end of RAM (4 GiB + 16 MiB), not
+/// the RAM's size; each clone maps both of its regions; the scan at 4 GiB is fetched into
+/// the cache once for both clones and faults there become APFs in each.
+#[test]
+fn clones_of_a_guest_with_ram_above_4_gib_share_the_cache_above_the_hole() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let dir = testkit::scratch("bigmem", "clones");
+    let out = dir.join("snap");
+    let mem = 3 * GIB + (16 << 20);
+    snapshot(&guest(mem, 4 * GIB, ApfMode::V2), &out);
+    let opts = CloneOptions {
+        restore: restore_options(&out, true, ApfPath::Userspace, "1ms"),
+        clones: 2,
+    };
+    let r = restore_clones(&opts, &|_| Box::new(NoObserver)).expect("the clones restore");
+    println!("{}", r.summary());
+    for c in &r.clones {
+        let run = c
+            .report
+            .as_deref()
+            .unwrap_or_else(|| panic!("clone {} failed: {:?}", c.index, c.error));
+        assert_passed(run);
+        assert_every_token_answered(run);
+        assert_eq!(scan_of(run).work, SCAN / 4096, "{:?}", scan_of(run));
+        let e = &run.apf.engine;
+        assert!(e.faults > 0 && e.injected > 0, "clone {}: {e:?}", c.index);
+    }
+    let t = &r.totals;
+    assert_eq!((t.clones, t.exited_ok, t.failed), (2, 2, 0));
+    // The low 16 MiB read once into the cache, then each scanned chunk once for both.
+    assert_eq!(
+        t.source_bytes_fetched,
+        guest_abi::WORKLOAD_GPA + SCAN,
+        "{t:?}"
+    );
+    assert_eq!(t.pager.fetch_errors, 0);
+    // The scanned pages above 4 GiB are in the cache; its pages below the hole are at most
+    // the low 16 MiB (nothing else was touched).
+    let cache = t.guest_memory.cache_bytes;
+    assert!(
+        (SCAN..=guest_abi::WORKLOAD_GPA + SCAN).contains(&cache),
+        "{:?}",
+        t.guest_memory
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
