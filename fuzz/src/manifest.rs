@@ -6,6 +6,9 @@
 //!   indexes its per-vCPU tables, sized by the vCPU count, with it);
 //! - the checksum chunk is no larger than the memory (rounded up to a page): restore reads
 //!   memory one chunk-sized buffer at a time;
+//! - the memory file's regions are the guest's RAM regions (none in the MMIO hole), cover
+//!   the file back to back, and map every guest page of RAM to its file offset, none across
+//!   a chunk boundary: restore loads and serves memory through that mapping;
 //! - the pure parts of restore that follow run without panicking: the machine check
 //!   (`run::validate_machine`) and restoring the saved APF MSRs into an engine of that
 //!   machine (which may refuse them with an error);
@@ -155,6 +158,7 @@ pub fn check_json(data: &[u8]) {
         mem.chunk_size,
         mem.size
     );
+    check_regions(&m);
     let cfg = VmConfig {
         vcpus: m.config.vcpus,
         mem_size: m.config.mem_size,
@@ -171,7 +175,7 @@ pub fn check_json(data: &[u8]) {
         let mut engine = Engine::new(EngineConfig::new(
             features,
             n,
-            RamMap::single(0..m.config.mem_size),
+            RamMap::new(vmm::layout::ram_regions(m.config.mem_size)),
         ));
         if engine.restore(&m.engine).is_ok() {
             engine
@@ -186,6 +190,36 @@ pub fn check_json(data: &[u8]) {
         serde_json::to_vec(&again).expect("serializes"),
         json,
         "round trip changed the manifest"
+    );
+}
+
+/// The regions of an accepted manifest are what restore relies on (see the module doc).
+fn check_regions(m: &Manifest) {
+    let mem = &m.memory;
+    let ram = vmm::layout::ram_regions(m.config.mem_size);
+    let mut got: Vec<_> = mem.regions.iter().map(|r| r.gpa..r.gpa + r.size).collect();
+    got.sort_by_key(|r| r.start);
+    assert_eq!(got, ram, "accepted regions that are not the guest's RAM");
+    let mut end = 0;
+    for r in &mem.regions {
+        assert!(
+            !vmm::layout::in_mmio_hole(r.gpa, r.size),
+            "accepted a region in the MMIO hole: {r:?}"
+        );
+        assert_eq!(mem.file_offset(r.gpa, r.size), Some(r.file_offset), "{r:?}");
+        assert_eq!(mem.gpa_at(r.file_offset), Some(r.gpa), "{r:?}");
+        let file_end = r.file_offset + r.size;
+        assert!(
+            r.file_offset % mem.chunk_size == 0
+                && (file_end % mem.chunk_size == 0 || file_end == mem.size),
+            "accepted a region a chunk crosses: {r:?}, chunk {}",
+            mem.chunk_size
+        );
+        end = end.max(file_end);
+    }
+    assert_eq!(
+        end, mem.size,
+        "accepted regions that do not cover the memory file"
     );
 }
 

@@ -308,7 +308,13 @@ pub fn task(_t: u32, spec: &TaskSpec) -> u32 {
     let mode = hostile(op::MODE, 0);
     let cpu = u32::try_from(hostile(op::CPU, 0)).unwrap_or(0);
     let f: u64 = if mode == 2 { 9 } else { 1 };
-    let ram = boot_info().ram_size;
+    // The end of the last RAM region; guests of more than 3 GiB have a second region above
+    // the MMIO hole, and region 0 then ends at the hole.
+    let ram = boot_info().ram_end();
+    let low_end = boot_info()
+        .ram()
+        .first()
+        .map_or(ram, guest_abi::RamRegion::end);
     if mode == 0 {
         c.gp("en-write-without-apf-gp", op::EN_OWN, 1, true);
         return finish(&c);
@@ -336,11 +342,21 @@ pub fn task(_t: u32, spec: &TaskSpec) -> u32 {
             let r = hostile(op::EN_BRIEFLY, (ram - 64) | f);
             c.check("en-last-64-bytes-accepted", r & 1 == 0);
             c.check("en-own-again", r & 2 == 0);
+            if low_end != ram {
+                // Region 0 ends at the MMIO hole: its last 64 bytes are RAM, the next are not.
+                let r = hostile(op::EN_BRIEFLY, (low_end - 64) | f);
+                c.check("en-last-64-bytes-below-hole-accepted", r & 1 == 0);
+                c.check("en-own-again-2", r & 2 == 0);
+                c.gp("en-hole-start-gp", op::WRMSR_EN, low_end | f, true);
+            }
             en_is_own(&mut c, "en-own-after");
         }
         "area-mmio" => {
+            // The MMIO hole [3 GiB, 4 GiB): never RAM, whatever the guest's size.
             c.gp("en-lapic-page-gp", op::WRMSR_EN, LAPIC_GPA | f, true);
             c.gp("en-ioapic-page-gp", op::WRMSR_EN, 0xfec0_0000 | f, true);
+            c.gp("en-hole-first-area-gp", op::WRMSR_EN, 0xc000_0000 | f, true);
+            c.gp("en-hole-last-area-gp", op::WRMSR_EN, 0xffff_ffc0 | f, true);
             en_is_own(&mut c, "en-unchanged-after-gp");
         }
         "area-unaligned" => {

@@ -104,6 +104,9 @@ fn validate(bi: &BootInfo) {
     if bi.tsc_khz == 0 {
         boot_fail("tsc_khz", 0);
     }
+    if bi.ram().is_empty() {
+        boot_fail("ram_region_count", u64::from(bi.ram_region_count));
+    }
     for (i, t) in bi.tasks.iter().take(bi.task_count as usize).enumerate() {
         let i = i as u64;
         let Some(kind) = TaskKind::from_raw(t.kind) else {
@@ -113,11 +116,11 @@ fn validate(bi: &BootInfo) {
             boot_fail("cpu of task", i);
         }
         if kind == TaskKind::Scan {
-            let end = t.arg0.checked_add(t.arg1);
+            // Wholly in one RAM region: a scan never straddles the MMIO hole.
             if t.arg0 < WORKLOAD_GPA
                 || t.arg0 % 4096 != 0
                 || t.arg1 % 4096 != 0
-                || end.is_none_or(|e| e > bi.ram_size)
+                || !bi.in_one_ram_region(t.arg0, t.arg1)
             {
                 boot_fail("scan region of task", i);
             }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use guest_abi::{HOSTILE_CASES, MAX_CPUS, MAX_TASKS};
 use harness::bench::{Mode, PREFETCH_ALL, Source};
+use harness::qemu_nbd::ServerKind;
 use pager::{FetchLatency, NbdUrl, Prefetch};
 use vmm::{ApfMode, ApfPath, ApfPolicy, HaltMode};
 
@@ -42,6 +43,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Sweep fetch latency × tasks per vCPU × vCPUs × modes; write JSON (and an SVG plot).
     Bench(BenchArgs),
+    /// N clones of one snapshot sharing one page cache against one restore of it, from one
+    /// NBD export: bytes read from the source, host memory, wall time, against the targets.
+    BenchClones(BenchClonesArgs),
     /// Restore random workloads in random modes, latencies and prefetch policies over and
     /// over for --duration; check every run (checksums, no task stuck, every APF token
     /// answered) and report the counts.
@@ -75,8 +79,8 @@ fn run_after_help(examples: &str) -> String {
 WORKLOAD SPEC: a comma list of kind[:count] (at most {MAX_TASKS} tasks); kinds: compute (counts
 loop iterations), scan (walks its share of workload memory page by page, checksumming it),
 msr-selftest (the guest writes every class of invalid and valid APF MSR value and checks the
-#GP answers). Tasks are assigned round-robin to vCPUs; scan tasks split [16 MiB, end of RAM)
-between them. Or `hostile:<case>`, a hostile-guest workload, <case> one of: {}
+#GP answers). Tasks are assigned round-robin to vCPUs; scan tasks split [16 MiB, end of RAM
+below the MMIO hole) between them, or from --scan-at to the end of its RAM region. Or `hostile:<case>`, a hostile-guest workload, <case> one of: {}
 (see docs/reliability.md); use --vcpus 2.
 
 DURATIONS: 0, or a number with a unit: 250us, 200ms, 2s, 10m, 1h; --timeout also takes whole
@@ -101,7 +105,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
     pub vcpus: u32,
-    /// Guest RAM: a multiple of 2 MiB with an optional K/M/G suffix (18M..=3G).
+    /// Guest RAM: a multiple of 2 MiB with an optional K/M/G suffix (18M..=64G). Up to 3G
+    /// it lies at [0, size); the rest of a bigger guest lies above the MMIO hole, at
+    /// [4G, 4G + size - 3G). A size the host cannot map or address is refused.
     #[arg(long, default_value = "256M", allow_hyphen_values = true, value_parser = values::mem)]
     pub mem: u64,
     /// APF protocol offered to the guest.
@@ -119,9 +125,15 @@ pub struct RunArgs {
     /// Scheduler quantum in microseconds (the guest's LAPIC timer period; 0 = no preemption).
     #[arg(long, default_value_t = 10_000, allow_hyphen_values = true)]
     pub quantum_us: u32,
-    /// Total bytes the scan tasks walk, K/M/G suffix (default: all workload memory).
+    /// Total bytes the scan tasks walk, K/M/G suffix (default: all workload memory of the
+    /// RAM region they start in).
     #[arg(long, allow_hyphen_values = true, value_parser = values::size)]
     pub scan_size: Option<u64>,
+    /// Guest-physical address where the scans' memory starts, K/M/G suffix (default 16M,
+    /// the start of workload memory); the scans share the rest of the RAM region holding
+    /// it, e.g. `--scan-at 4G` on a guest of more than 3G scans memory above the MMIO hole.
+    #[arg(long, allow_hyphen_values = true, value_parser = values::size)]
+    pub scan_at: Option<u64>,
     /// Passes of each scan task (at least 1).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub scan_passes: u64,
@@ -220,6 +232,17 @@ the guest runs. Lazy: the first 16 MiB (kernel, tables, stacks) are loaded eager
 memory is mapped empty and served page by page through userfaultfd from the memory file
 (each 64 KiB chunk verified before it is mapped), each fetch delayed by --fetch-latency.
 
+CLONES: --clones N restores N guests in one process from one snapshot: the memory source is
+read once into a shared page cache (a memfd; the first 16 MiB eagerly, the rest chunk by
+chunk on the first fault of any clone, a chunk in flight joined by the others), which every
+clone maps copy-on-write: its writes are its own. Each clone runs with its own vCPU threads,
+APF driver and userfaultfd; a clone that dies ends alone. The summary (and --json) has one
+entry per clone (exit status, time to done, faults, APFs, pages written) and the totals:
+bytes read from the source, the guests' host memory (shared cache + the clones' own pages;
+PSS), wall time. Refused (status 125) before anything runs when (N + 1) x the guest's RAM
+exceeds MemAvailable (the worst case: every clone writes all of its memory). A source that
+fails stops every clone with the same error (status 125). Consoles are not echoed.
+
 FETCH LATENCY: 0 | DUR | uniform:DUR..DUR | exp:DUR (mean); DUR a number with a unit, like
 20ms, 250us, 1500us, 2s; at most 1h.
 
@@ -235,7 +258,8 @@ Examples:
   apfvm restore /tmp/snap --lazy --fetch-latency 20ms --json out.json
   apfvm restore /tmp/snap --lazy --apf off --fetch-latency 1ms
   apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms
-  apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill",
+  apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill
+  apfvm restore /tmp/snap --lazy --clones 8 --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --json clones.json",
     status::RUN_HELP
 ))]
 pub struct RestoreArgs {
@@ -289,6 +313,11 @@ pub struct RestoreArgs {
     /// 48 tasks (`--workload hostile:flood`, docs/reliability.md).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub apf_max_outstanding: Option<u64>,
+    /// Run N guests from the snapshot at once (lazy restores), sharing one host page cache:
+    /// each chunk fetched once from the memory source and mapped copy-on-write into every
+    /// clone (see CLONES).
+    #[arg(long, value_name = "N", requires = "lazy", conflicts_with = "snapshot_out", allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub clones: Option<u32>,
 }
 
 /// `apfvm demo` options.
@@ -398,6 +427,84 @@ pub struct BenchArgs {
     /// Modes the memory rows are measured for (comma list).
     #[arg(long, value_delimiter = ',', default_values_t = [Mode::Off, Mode::ApfV1, Mode::ApfV2], value_parser = values::mode())]
     pub sources_modes: Vec<Mode>,
+}
+
+/// Where `bench-clones` serves the snapshot's memory from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ServerArg {
+    /// `qemu-nbd` on a unix socket.
+    QemuNbd,
+    /// `nbdkit` (file plugin) on a unix socket.
+    Nbdkit,
+    /// The snapshot's memory file itself (no server).
+    File,
+}
+
+impl ServerArg {
+    /// The NBD server to start (`None`: the file).
+    pub fn kind(self) -> Option<ServerKind> {
+        match self {
+            ServerArg::QemuNbd => Some(ServerKind::QemuNbd),
+            ServerArg::Nbdkit => Some(ServerKind::Nbdkit),
+            ServerArg::File => None,
+        }
+    }
+}
+
+/// `apfvm bench-clones` options.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Boots the guest (--vcpus, --mem, --workload: by default 4 scan tasks over all workload
+memory, every task reading cold memory after the restore), snapshots it after the scans'
+fill pass into a temporary directory (removed at the end), serves its memory file with
+--server on a unix socket, then per repeat, interleaved: one plain lazy restore (userspace
+APF) and --clones clones restored at once on one shared page cache, both at --fetch-latency
+per 64 KiB chunk. Every guest's scans are checked (a wrong checksum fails the bench).
+
+Columns: source MiB = bytes read from the memory source (eager 16 MiB included); host mem
+MiB = one restore: the RSS of its RAM; clones: the shared cache plus the pages they wrote;
+PSS MiB = the proportional set size of the guests' RAM mappings (summed); written MiB =
+the clones' own copies of pages they wrote; wall ms = start of the restore (set-up
+included) to the last guest done. The targets (issue 13): source bytes <= 1.1x one
+guest's, host memory less the written pages <= 1.5x one guest's, wall time <= 2x one
+restore's; a missed target is reported, not an error.
+
+Exit status: 0; 125 when something fails (bad option, no /dev/kvm, no NBD server, a guest
+failed or read wrong memory, Ctrl-C).
+
+Example:
+  apfvm bench-clones --clones 8 --mem 256M --workload scan:4 --fetch-latency 1ms --json clones.json
+  apfvm bench-clones --prefetch readahead --repeats 3")]
+pub struct BenchClonesArgs {
+    /// Clones restored at once.
+    #[arg(long, default_value_t = 8, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub clones: u32,
+    /// Guest RAM: a multiple of 2 MiB with an optional K/M/G suffix (18M..=3G).
+    #[arg(long, default_value = "256M", allow_hyphen_values = true, value_parser = values::mem)]
+    pub mem: u64,
+    /// vCPUs of the guest.
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
+    pub vcpus: u32,
+    #[arg(long, default_value = "scan:4", value_parser = values::workload, help = workload_help())]
+    pub workload: String,
+    /// Added delay per 64 KiB fetch (0, 100us, 1ms, ...; at most 1h).
+    #[arg(long, allow_hyphen_values = true, default_value = "1ms", value_parser = values::fixed_latency)]
+    pub fetch_latency: Duration,
+    /// Where the memory comes from.
+    #[arg(long, value_enum, default_value_t = ServerArg::QemuNbd)]
+    pub server: ServerArg,
+    /// Who turns a missing page into an APF, in both restores (the guest offers v2).
+    #[arg(long, value_enum, default_value_t = RestoreApf::On)]
+    pub apf: RestoreApf,
+    /// Prefetch of both restores: none, readahead or fill.
+    #[arg(long, default_value = "none", value_parser = values::prefetch())]
+    pub prefetch: Prefetch,
+    /// Runs of each (medians are reported).
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub repeats: u64,
+    /// Write the results as JSON to this file (checked before anything runs).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `apfvm soak` options.

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use harness::demo::DemoOptions;
 use harness::soak::{SoakEvent, SoakOptions, Verdict};
 
-use crate::cli::{BenchArgs, DemoArgs, SoakArgs};
+use crate::cli::{BenchArgs, BenchClonesArgs, DemoArgs, SoakArgs};
 use crate::output::ReportFile;
 use crate::status;
 
@@ -84,6 +84,38 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<u8> {
     println!("apfvm: results written to {}", args.json.display());
     if let Some(p) = plotted {
         println!("apfvm: plot written to {}", p.display());
+    }
+    inconsistent(&out.problems)?;
+    Ok(0)
+}
+
+/// `apfvm bench-clones`: 0, or an error (a guest that failed or read wrong memory included;
+/// a missed target is reported, not an error).
+pub fn bench_clones(args: &BenchClonesArgs) -> anyhow::Result<u8> {
+    let json = args
+        .json
+        .as_deref()
+        .map(|p| ReportFile::create("--json", p, &[]))
+        .transpose()?;
+    let out = harness::clones::bench_clones(&harness::clones::ClonesBenchOptions {
+        clones: args.clones,
+        mem: args.mem,
+        vcpus: args.vcpus,
+        workload: args.workload.clone(),
+        apf: vmm::ApfMode::V2,
+        apf_path: args.apf.into(),
+        fetch_latency: args.fetch_latency,
+        prefetch: args.prefetch,
+        server: args.server.kind(),
+        repeats: count(args.repeats),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    })
+    .context("apfvm bench-clones")?;
+    print!("{}", out.table);
+    if let Some(f) = json {
+        let path = f.path().to_path_buf();
+        f.write_json(&out.results)?;
+        println!("apfvm: results written to {}", path.display());
     }
     inconsistent(&out.problems)?;
     Ok(0)

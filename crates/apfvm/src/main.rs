@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => vm::restore(args, sigusr1),
         Command::Demo(args) => experiments::demo(args),
         Command::Bench(args) => experiments::bench(args),
+        Command::BenchClones(args) => experiments::bench_clones(args),
         Command::Soak(args) => experiments::soak(args),
     };
     match result {

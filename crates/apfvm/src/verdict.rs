@@ -4,6 +4,7 @@
 
 use guest_abi::TaskKind;
 use vmm::RunReport;
+use vmm::clones::ClonesReport;
 use vmm::report::{TaskReport, TaskState};
 
 use crate::status;
@@ -57,6 +58,48 @@ pub fn exit_status(report: &RunReport) -> u8 {
         }
         (s, _) => status::of_guest(s),
     }
+}
+
+/// The exit status of `restore --clones`: an error when a clone's run ended in one (the
+/// same error from every clone, as a failing source gives, is said once); else the first
+/// clone whose guest failed or whose memory failed the host's check gives its status
+/// (problems printed per clone); else 0.
+pub fn clones_exit_status(report: &ClonesReport) -> anyhow::Result<u8> {
+    let errors: Vec<(usize, &str)> = report
+        .clones
+        .iter()
+        .filter_map(|c| c.error.as_deref().map(|e| (c.index, e)))
+        .collect();
+    if let Some(&(_, first)) = errors.first() {
+        if errors.len() == report.clones.len() && errors.iter().all(|&(_, e)| e == first) {
+            anyhow::bail!("every clone stopped: {first}");
+        }
+        let each: Vec<String> = errors
+            .iter()
+            .map(|(i, e)| format!("clone {i}: {e}"))
+            .collect();
+        anyhow::bail!(
+            "{} of {} clones failed:\n  {}",
+            errors.len(),
+            report.clones.len(),
+            each.join("\n  ")
+        );
+    }
+    let mut status = 0;
+    for c in &report.clones {
+        for p in problems(&c.tasks) {
+            eprintln!("apfvm: check failed: clone {}: {p}", c.index);
+            if status == 0 {
+                status = status::CHECK_FAILED;
+            }
+        }
+        if let Some(s) = c.exit_status.filter(|&s| s != 0)
+            && status == 0
+        {
+            status = status::of_guest(s);
+        }
+    }
+    Ok(status)
 }
 
 #[cfg(test)]

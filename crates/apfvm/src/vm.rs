@@ -51,7 +51,8 @@ fn config(args: &RunArgs, snapshot: bool) -> anyhow::Result<VmConfig> {
         &args.workload,
         WorkloadParams {
             vcpus: args.vcpus,
-            ram_end: args.mem,
+            mem_size: args.mem,
+            scan_at: args.scan_at,
             scan_bytes: args.scan_size,
             scan_passes: if snapshot {
                 args.scan_passes.max(2)
@@ -158,6 +159,9 @@ pub fn restore(args: &RestoreArgs, sigusr1: Option<Arc<AtomicBool>>) -> anyhow::
     opts.apf_max_outstanding = args
         .apf_max_outstanding
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    if let Some(clones) = args.clones {
+        return restore_clones(opts, clones, args.quiet, json);
+    }
     let report = vmm::restore(&opts, &mut vmm::NoObserver)
         .with_context(|| format!("restoring {}", args.dir.display()))?;
     output(&report, args.quiet, json)?;
@@ -165,4 +169,36 @@ pub fn restore(args: &RestoreArgs, sigusr1: Option<Arc<AtomicBool>>) -> anyhow::
         println!("apfvm: snapshot written to {}", out.display());
     }
     Ok(verdict::exit_status(&report))
+}
+
+/// `apfvm restore --clones N`: 0 when every clone's guest exited 0 and passed the host's
+/// checks; 125 when a clone's run ended in an error (each printed); else the first failing
+/// clone's status (a guest's, or [`crate::status::CHECK_FAILED`]).
+fn restore_clones(
+    opts: RestoreOptions,
+    clones: u32,
+    quiet: bool,
+    json: Option<ReportFile>,
+) -> anyhow::Result<u8> {
+    let dir = opts.dir.clone();
+    let interrupted = opts.interrupt.clone();
+    let report = vmm::clones::restore_clones(
+        &vmm::clones::CloneOptions {
+            restore: opts,
+            clones,
+        },
+        &|_| Box::new(vmm::NoObserver),
+    )
+    .with_context(|| format!("restoring {} clones of {}", clones, dir.display()))?;
+    // SIGINT/SIGTERM stopped every clone: status 130, like a single restore.
+    if interrupted.is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(vmm::VmmError::Interrupted.into());
+    }
+    if !quiet {
+        print!("{}", report.summary());
+    }
+    if let Some(f) = json {
+        f.write_json(&report)?;
+    }
+    verdict::clones_exit_status(&report)
 }

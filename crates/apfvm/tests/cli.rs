@@ -88,7 +88,7 @@ fn errors_are_clear_and_exit_125() {
         vmm::loader::build_tiny_elf(guest_abi::KERNEL_MIN_GPA, &[0x90, 0x0f, 0x0b]),
     )
     .unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--guest", bad.to_str().unwrap()], "not an ELF"),
         (
             &["--guest", dies.to_str().unwrap()],
@@ -103,6 +103,18 @@ fn errors_are_clear_and_exit_125() {
             "memory size 17 MiB is not a multiple of 2 MiB",
         ),
         (&["--mem", "10M"], "memory size 10 MiB is too small"),
+        (
+            &["--mem", "65G"],
+            "memory size 65 GiB is too large: at most 64 GiB",
+        ),
+        (
+            &["--mem", "64M", "--scan-at", "4G"],
+            "--scan-at 0x100000000 is not in guest RAM (RAM of 64 MiB: 0x0..0x4000000)",
+        ),
+        (
+            &["--mem", "4G", "--scan-at", "3G"],
+            "--scan-at 0xc0000000 is not in guest RAM (RAM of 4 GiB: 0x0..0xc0000000, 0x100000000..0x140000000)",
+        ),
         (&["--workload", "dance:2"], "unknown task kind"),
     ];
     for (args, what) in cases {

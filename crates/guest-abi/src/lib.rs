@@ -10,8 +10,15 @@
 //! segment at selector 0x08 and a flat data segment at 0x10; the guest loads its own GDT (with
 //! user segments and a TSS) and IDT. Paging: guest-physical `[0, 4 GiB)` and all RAM above it
 //! are identity-mapped with 2 MiB pages, present, writable and user-accessible (CPL 3 tasks
-//! run in the same address space); the LAPIC page at 0xfee0_0000 is mapped uncached. No SSE
-//! state is set up: the kernel is built for `x86_64-unknown-none` (soft-float).
+//! run in the same address space); the LAPIC page at 0xfee0_0000 is mapped uncached; above
+//! 4 GiB nothing past the end of RAM is mapped. No SSE state is set up: the kernel is built
+//! for `x86_64-unknown-none` (soft-float).
+//!
+//! # RAM
+//! Guest RAM is one or two regions, listed in [`BootInfo::ram_regions`]: `[0, min(size,
+//! 3 GiB))` and, for more than 3 GiB of RAM, the rest at `[4 GiB, 4 GiB + size - 3 GiB)`
+//! (the x86 convention: `[3 GiB, 4 GiB)` is the MMIO hole, where the LAPIC and IOAPIC
+//! live). A scan region lies wholly in one RAM region.
 //!
 //! # Layout (guest-physical)
 //! ```text
@@ -21,7 +28,9 @@
 //! 0x0000_8000  VMM's GDT and page tables (the guest must not touch them)
 //! 0x0010_0000  boot stacks, BOOT_STACK_SIZE per vCPU
 //! 0x0020_0000  kernel image (ELF PT_LOAD segments at their physical addresses), < 0x0100_0000
-//! 0x0100_0000  workload memory (scan regions), up to the end of RAM
+//! 0x0100_0000  workload memory (scan regions), up to the end of RAM region 0
+//! 0xc000_0000  MMIO hole (no RAM) up to 4 GiB; LAPIC at 0xfee0_0000
+//! 0x1_0000_0000  RAM region 1 (guests of more than 3 GiB): workload memory
 //! ```
 #![no_std]
 
@@ -56,6 +65,8 @@ pub const LAPIC_GPA: u64 = 0xfee0_0000;
 pub const MAX_CPUS: usize = 8;
 /// Most tasks a workload may ask for.
 pub const MAX_TASKS: usize = 48;
+/// Most RAM regions [`BootInfo`] has room for.
+pub const MAX_RAM_REGIONS: usize = 4;
 
 /// Top of the boot stack of vCPU `cpu`.
 pub const fn boot_stack_top(cpu: u32) -> u64 {
@@ -77,8 +88,8 @@ pub mod port {
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"APFBOOT1");
 /// Magic value of [`Counters::magic`]: "APFCNTR1".
 pub const COUNTERS_MAGIC: u64 = u64::from_le_bytes(*b"APFCNTR1");
-/// Version of both structures; bumped on any layout change.
-pub const ABI_VERSION: u32 = 1;
+/// Version of both structures; bumped on any layout change (2: [`BootInfo::ram_regions`]).
+pub const ABI_VERSION: u32 = 2;
 
 /// What a task does. Stored as a `u32` in [`TaskSpec::kind`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -169,7 +180,7 @@ pub struct BootInfo {
     pub version: u32,
     /// Number of vCPUs started (each enters the kernel).
     pub cpu_count: u32,
-    /// Bytes of guest RAM starting at 0.
+    /// Bytes of guest RAM in all (the sum of the regions' sizes).
     pub ram_size: u64,
     /// TSC frequency in kHz (from KVM), for turning durations into TSC ticks.
     pub tsc_khz: u64,
@@ -179,6 +190,57 @@ pub struct BootInfo {
     pub task_count: u32,
     /// Workload tasks.
     pub tasks: [TaskSpec; MAX_TASKS],
+    /// Number of valid entries in `ram_regions` (1 ..= [`MAX_RAM_REGIONS`]).
+    pub ram_region_count: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Guest RAM, in ascending address order (see "RAM" above).
+    pub ram_regions: [RamRegion; MAX_RAM_REGIONS],
+}
+
+/// One range of guest-physical RAM, `[start, start + size)`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct RamRegion {
+    /// First byte.
+    pub start: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl RamRegion {
+    /// One past the last byte (saturating).
+    pub const fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+
+    /// True when `[start, start + len)` lies wholly inside this region.
+    pub const fn contains(&self, start: u64, len: u64) -> bool {
+        match start.checked_add(len) {
+            Some(end) => start >= self.start && end <= self.end(),
+            None => false,
+        }
+    }
+}
+
+impl BootInfo {
+    /// The valid RAM regions (none when `ram_region_count` is out of range).
+    pub fn ram(&self) -> &[RamRegion] {
+        let n = self.ram_region_count as usize;
+        self.ram_regions.get(..n).unwrap_or(&[])
+    }
+
+    /// One past the last byte of RAM (0 without regions).
+    pub fn ram_end(&self) -> u64 {
+        self.ram().iter().map(RamRegion::end).max().unwrap_or(0)
+    }
+
+    /// True when `[start, start + len)` lies wholly in one RAM region.
+    pub fn in_one_ram_region(&self, start: u64, len: u64) -> bool {
+        self.ram().iter().any(|r| r.contains(start, len))
+    }
 }
 
 /// Life of a task as the guest reports it in [`TaskCounters::state`].
@@ -354,6 +416,7 @@ const _: () = assert!(BOOT_STACKS_GPA + MAX_CPUS as u64 * BOOT_STACK_SIZE <= KER
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::FromZeros;
 
     #[test]
     fn task_kind_round_trips() {
@@ -370,6 +433,42 @@ mod tests {
         assert_eq!(core::mem::offset_of!(CpuCounters, switches), 56);
         assert_eq!(core::mem::offset_of!(CpuCounters, ready_after_wake_all), 64);
         assert_eq!(core::mem::size_of::<CpuCounters>(), 72);
+    }
+
+    /// ABI 2 appends the RAM regions after the tasks: earlier fields keep their offsets.
+    #[test]
+    fn ram_regions_are_appended_and_checked_one_region_at_a_time() {
+        assert_eq!(core::mem::offset_of!(BootInfo, tasks), 40);
+        assert_eq!(
+            core::mem::offset_of!(BootInfo, ram_region_count),
+            40 + 40 * MAX_TASKS
+        );
+        let mut bi = BootInfo::new_zeroed();
+        assert_eq!((bi.ram(), bi.ram_end()), (&[][..], 0));
+        bi.ram_regions[0] = RamRegion {
+            start: 0,
+            size: 3 << 30,
+        };
+        bi.ram_regions[1] = RamRegion {
+            start: 4 << 30,
+            size: 1 << 30,
+        };
+        bi.ram_region_count = 2;
+        assert_eq!(bi.ram_end(), 5 << 30);
+        assert!(bi.in_one_ram_region(WORKLOAD_GPA, 1 << 20));
+        assert!(bi.in_one_ram_region(4 << 30, 1 << 30));
+        assert!(
+            !bi.in_one_ram_region((3 << 30) - 4096, 8192),
+            "straddles the hole"
+        );
+        assert!(!bi.in_one_ram_region(3 << 30, 4096), "in the hole");
+        assert!(
+            !bi.in_one_ram_region((5 << 30) - 4096, 8192),
+            "past the end"
+        );
+        assert!(!bi.in_one_ram_region(u64::MAX - 4095, 8192));
+        bi.ram_region_count = 99;
+        assert!(bi.ram().is_empty());
     }
 
     #[test]

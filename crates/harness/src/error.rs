@@ -40,8 +40,8 @@ pub enum Error {
         /// The error.
         err: std::io::Error,
     },
-    /// `qemu-nbd` could not be started or did not answer.
-    #[error("qemu-nbd: {0}")]
+    /// An NBD server (`qemu-nbd`, `nbdkit`) could not be started or did not answer.
+    #[error("NBD server: {0}")]
     QemuNbd(String),
     /// The plot could not be drawn.
     #[error("--plot: {0}")]

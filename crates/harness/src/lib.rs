@@ -6,6 +6,8 @@
 //!   table and plot; and what the demo shares with it: the guest, its snapshots, one
 //!   measured restore with its window observer, medians, consistency checks.
 //! - [`soak`]: random restores over and over, every run checked, the counts and a verdict.
+//! - [`clones`]: N clones sharing one page cache against one restore: source bytes, host
+//!   memory, wall time, the targets.
 //! - [`qemu_nbd`]: `qemu-nbd` serving a snapshot's memory (the one copy of its command line).
 //! - [`interrupt`]: SIGINT/SIGTERM as a flag; [`host`]: the machine and the time, for the
 //!   JSON; [`progress`]: the progress bar.
@@ -14,6 +16,7 @@
 //! the caller to write where it was asked to.
 
 pub mod bench;
+pub mod clones;
 pub mod demo;
 pub mod error;
 pub mod host;

@@ -1,6 +1,8 @@
 //! `qemu-nbd` serving a snapshot's memory file: the one place that knows its command line,
 //! the export name and the matching `--memory-source` URL. `apfvm snapshot` prints the
-//! command; `bench` starts it ([`Server`]); the tests ask [`available`].
+//! command; `bench` starts it ([`Server`]); the tests ask [`available`]. The same for
+//! `nbdkit` with its file plugin ([`ServerKind::Nbdkit`]): the client is tested against
+//! both, so that remote memory is not tied to one server implementation.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,13 +21,62 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// True if `qemu-nbd --version` runs.
 pub fn available() -> bool {
-    Command::new("qemu-nbd")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    ServerKind::QemuNbd.available()
+}
+
+/// An NBD server apfvm knows how to start on a memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `qemu-nbd` (Debian: qemu-utils).
+    QemuNbd,
+    /// `nbdkit` with its file plugin (Debian: nbdkit).
+    Nbdkit,
+}
+
+impl ServerKind {
+    /// The program's name.
+    pub fn program(self) -> &'static str {
+        match self {
+            ServerKind::QemuNbd => "qemu-nbd",
+            ServerKind::Nbdkit => "nbdkit",
+        }
+    }
+
+    /// The Debian package that has it.
+    pub fn package(self) -> &'static str {
+        match self {
+            ServerKind::QemuNbd => "qemu-utils",
+            ServerKind::Nbdkit => "nbdkit",
+        }
+    }
+
+    /// True if `PROGRAM --version` runs.
+    pub fn available(self) -> bool {
+        Command::new(self.program())
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Its arguments serving `file` read-only as [`EXPORT`] on the unix socket `socket`, in
+    /// the foreground (nbdkit: exiting with its parent, so a killed test leaves no server).
+    pub fn args(self, file: &Path, socket: &Path) -> Vec<String> {
+        match self {
+            ServerKind::QemuNbd => args(file, socket),
+            ServerKind::Nbdkit => vec![
+                "--foreground".into(),
+                "--readonly".into(),
+                "--exit-with-parent".into(),
+                format!("--exportname={EXPORT}"),
+                format!("--unix={}", socket.display()),
+                "file".into(),
+                format!("file={}", file.display()),
+            ],
+        }
+    }
 }
 
 /// The arguments of `qemu-nbd` serving `file` read-only as [`EXPORT`] on the unix socket
@@ -69,9 +120,11 @@ impl ServeCommand {
     }
 }
 
-/// `qemu-nbd` serving a memory file on a unix socket; killed (and reaped) when dropped.
+/// `qemu-nbd` (or nbdkit) serving a memory file on a unix socket; killed (and reaped) when
+/// dropped.
 #[derive(Debug)]
 pub struct Server {
+    kind: ServerKind,
     child: Option<Child>,
     url: NbdUrl,
     file: PathBuf,
@@ -82,12 +135,18 @@ impl Server {
     /// Starts it and waits (up to 10 s) until it answers a handshake. Its stderr goes to
     /// `socket` with the extension `log`.
     pub fn start(file: &Path, socket: &Path) -> Result<Server> {
+        Self::start_kind(ServerKind::QemuNbd, file, socket)
+    }
+
+    /// [`Server::start`] with the server `kind`.
+    pub fn start_kind(kind: ServerKind, file: &Path, socket: &Path) -> Result<Server> {
         let url: NbdUrl = url(socket)
             .parse()
             .map_err(|e: pager::nbd::ParseNbdUrlError| {
                 Error::QemuNbd(format!("socket {}: {e}", socket.display()))
             })?;
         let mut server = Server {
+            kind,
             child: None,
             url,
             file: file.to_path_buf(),
@@ -104,15 +163,18 @@ impl Server {
         let log_path: PathBuf = self.socket.with_extension("log");
         let log = std::fs::File::create(&log_path)
             .map_err(Error::io(format!("creating {}", log_path.display())))?;
-        let child = Command::new("qemu-nbd")
-            .args(args(&self.file, &self.socket))
+        let kind = self.kind;
+        let child = Command::new(kind.program())
+            .args(kind.args(&self.file, &self.socket))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| {
                 Error::QemuNbd(format!(
-                    "starting it: {e} (Debian: apt-get install qemu-utils)"
+                    "starting {}: {e} (Debian: apt-get install {})",
+                    kind.program(),
+                    kind.package()
                 ))
             })?;
         // From here on, an early return kills it (Drop).
@@ -126,7 +188,8 @@ impl Server {
             if exited.is_some() || t0.elapsed() > START_TIMEOUT {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(Error::QemuNbd(format!(
-                    "serving {} on {}: {} ({err}); its stderr: {}",
+                    "{} serving {} on {}: {} ({err}); its stderr: {}",
+                    kind.program(),
                     self.file.display(),
                     self.socket.display(),
                     exited.map_or_else(

@@ -33,6 +33,27 @@ pub enum PagerError {
         #[source]
         source: UffdError,
     },
+    /// Writing a fetched unit into the shared page cache (clones) failed.
+    #[error("writing guest page {page} (gpa {gpa:#x}) into the shared page cache failed: {source}")]
+    CacheWrite {
+        /// Guest page.
+        page: u64,
+        /// Its guest-physical address.
+        gpa: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The shared page cache cannot be used.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    /// A failure of a pager that serves several guests (clones from one shared page cache),
+    /// the same one reported to each of them.
+    #[error(transparent)]
+    Shared(std::sync::Arc<PagerError>),
+    /// [`crate::PagerHandle::attach`] on a pager that fills private memory (one guest).
+    #[error("this pager serves one guest's private memory; only a shared-cache pager takes clones")]
+    NotShared,
     /// The regions given to the pager are unusable.
     #[error("bad guest memory region: {0}")]
     Region(String),
@@ -53,7 +74,8 @@ impl PagerError {
                     .first()
                     .map_or(source.page(), |g| g / crate::uffd::PAGE_SIZE_U64),
             ),
-            PagerError::Map { page, .. } => Some(*page),
+            PagerError::Map { page, .. } | PagerError::CacheWrite { page, .. } => Some(*page),
+            PagerError::Shared(e) => e.page(),
             _ => None,
         }
     }

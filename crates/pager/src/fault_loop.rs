@@ -1,14 +1,19 @@
 //! The fault loop, on the pager thread.
 //!
 //! ```text
-//! uffd message ─► page mapped?  yes ─► stale (counted, UFFDIO_WAKE), not reported
-//!                 in flight?    yes ─► join it, report on_fault(duplicate)
-//!                 otherwise ─► report on_fault, start the fetch of its unit
+//! uffd message of guest g ─► page present?  yes ─► stale (counted, UFFDIO_WAKE), not reported
+//!                            in flight?     yes ─► join it, report on_fault(duplicate) to g
+//!                            otherwise ─► report on_fault to g, start the fetch of its unit
 //! fetch done ─► hold until done + sampled delay (deadline queue)
-//! deadline ─► UFFDIO_COPY (EEXIST = already there) ─► mark present ─► on_page_ready
+//! deadline ─► fill (fill.rs: UFFDIO_COPY, or cache write + UFFDIO_WAKE of the guests that
+//!             faulted) ─► mark present ─► on_page_ready to each guest, per faulted page
 //! idle fetch slots ─► prefetch jobs (readahead queue / fill cursor), low priority
 //! ```
-//! The pager thread blocks only in poll(2) on the uffd and its wake eventfd, with a timeout
+//! The guests (`guests.rs`): one, or the clones of a shared-cache pager, each with its own
+//! uffd. "Present": mapped in the one guest, or in the shared cache. A failure goes to the
+//! one guest, or the same error to every clone (none can be served that page).
+//!
+//! The pager thread blocks only in poll(2) on the uffds and its wake eventfd, with a timeout
 //! at the next deadline; it never waits for a vCPU or guest memory, and waits for a fetch
 //! only when fetching inline (a fast source).
 
@@ -19,12 +24,13 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use std::time::Instant;
 
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::io::Errno;
+use rustix::event::Timespec;
 
 use crate::deadline::{Deadlines, Fetched};
 use crate::error::PagerError;
 use crate::fetch::{Done, FetchPool, Job, fetch};
+use crate::fill::Fill;
+use crate::guests::{Guest, poll_guests};
 use crate::latency::LatencySampler;
 use crate::observer::{FaultEvent, PagerObserver};
 use crate::prefetch::{BATCH_UNITS_INLINE, BATCH_UNITS_THREADS, PREFETCH_DEPTH, Planner, Prefetch};
@@ -32,7 +38,7 @@ use crate::region::GuestRegion;
 use crate::shared::Shared;
 use crate::source::{PageSource, SourceError};
 use crate::stats::bump;
-use crate::uffd::{CopyOutcome, PAGE_SIZE, PAGE_SIZE_U64, Uffd, UffdError, UffdEvent};
+use crate::uffd::{PAGE_SIZE, PAGE_SIZE_U64, UffdError, UffdEvent};
 
 /// A fetch in flight (or fetched, waiting for its deadline).
 struct InFlight {
@@ -40,25 +46,17 @@ struct InFlight {
     pages: u64,
     /// Fetched by a prefetch job (still queued, maybe): a fault on it gets its own fetch.
     prefetch: bool,
-    /// Pages reported through `on_fault`, with the time of their first message.
-    faulted: Vec<(u64, Instant)>,
-}
-
-/// The aligned unit of `unit_pages` holding `page`, clipped to `region` and to a source of
-/// `page_count` pages: `(first page, pages)`.
-fn unit_of(unit_pages: u64, page_count: u64, page: u64, region: &GuestRegion) -> (u64, u64) {
-    let start = page / unit_pages * unit_pages;
-    let first = start.max(region.first_page());
-    let end = (start + unit_pages)
-        .min(region.end_page())
-        .min(page_count.max(page + 1));
-    (first, end - first)
+    /// Pages reported through `on_fault`: (guest, page, time of its first message).
+    faulted: Vec<(usize, u64, Instant)>,
 }
 
 pub(crate) struct FaultLoop {
-    uffd: Uffd,
+    /// The guests served; a guest's index never changes.
+    guests: Vec<Arc<Guest>>,
+    fill: Fill,
+    /// A shared-cache pager's first failure, for clones that attach after it.
+    failure: Option<Arc<PagerError>>,
     shared: Arc<Shared>,
-    observer: Arc<dyn PagerObserver>,
     sampler: LatencySampler,
     unit_pages: u64,
     page_count: u64,
@@ -84,9 +82,9 @@ pub(crate) struct FaultLoop {
 impl FaultLoop {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        uffd: Uffd,
+        guests: Vec<Arc<Guest>>,
+        fill: Fill,
         shared: Arc<Shared>,
-        observer: Arc<dyn PagerObserver>,
         source: Arc<dyn PageSource>,
         pool: FetchPool,
         sampler: LatencySampler,
@@ -101,9 +99,10 @@ impl FaultLoop {
             .sum();
         let planner = Planner::new(prefetch, &shared.regions);
         Self {
-            uffd,
+            guests,
+            fill,
+            failure: None,
             shared,
-            observer,
             sampler,
             unit_pages: source.unit_pages(),
             page_count: source.page_count(),
@@ -142,40 +141,34 @@ impl FaultLoop {
                 tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 tv_nsec: i64::from(d.subsec_nanos()),
             });
-            let (uffd_ready, wake_ready) = {
-                let mut fds = [
-                    PollFd::new(&self.uffd, PollFlags::IN),
-                    PollFd::new(&self.shared.wake, PollFlags::IN),
-                ];
-                match poll(&mut fds, timeout.as_ref()) {
-                    Ok(_) | Err(Errno::INTR) => {}
-                    Err(errno) => {
-                        self.fatal(UffdError::Os {
-                            what: "poll",
-                            errno,
-                        });
-                        break;
-                    }
+            let (ready, wake_ready) = match poll_guests(&self.guests, &self.shared.wake, timeout) {
+                Ok(r) => r,
+                Err(errno) => {
+                    self.fatal(UffdError::Os {
+                        what: "poll",
+                        errno,
+                    });
+                    break;
                 }
-                (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
             };
             if wake_ready {
                 let mut b = [0u8; 8];
                 let _ = rustix::io::read(&self.shared.wake, &mut b);
             }
+            self.adopt_attached();
             while let Some(done) = self.pool.try_done() {
                 self.on_done(done);
             }
             self.take_requests();
-            if uffd_ready {
+            for g in ready {
                 loop {
                     events.clear();
-                    match self.uffd.read_events(&mut events, 64) {
+                    match self.guests[g].uffd.read_events(&mut events, 64) {
                         Ok(0) => break,
                         Ok(_) => {
                             let at = Instant::now();
                             for &e in &events {
-                                self.on_event(e, at);
+                                self.on_event(g, e, at);
                             }
                         }
                         Err(e) => {
@@ -192,23 +185,56 @@ impl FaultLoop {
 
     fn finish(mut self) {
         self.pool.shutdown();
-        // `self.uffd` closes here: blocked threads are woken, the regions unregistered.
+        // The guests' uffds close here (an attachment dropped later closes its guest's):
+        // blocked threads are woken, the regions unregistered.
     }
 
-    /// The loop cannot go on: report, then keep the userfaultfd open (closing it would let
-    /// a faulting vCPU run on a zero page) until the VMM stops the pager.
-    fn fatal(&self, e: UffdError) {
-        tracing::error!(error = %e, "pager: userfaultfd failed");
-        self.observer.on_error(PagerError::Uffd(e));
-        while !self.shared.stop.load(Ordering::Acquire) {
-            let mut fds = [PollFd::new(&self.shared.wake, PollFlags::IN)];
-            let _ = poll(&mut fds, None);
-            let mut b = [0u8; 8];
-            let _ = rustix::io::read(&self.shared.wake, &mut b);
+    /// Takes in the guests attached since the last turn; a pager that failed already tells
+    /// them at once.
+    fn adopt_attached(&mut self) {
+        let new = std::mem::take(
+            &mut *self
+                .shared
+                .attached
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for guest in new {
+            self.guests.push(guest);
+            if let Some(e) = self.failure.clone() {
+                self.notify(self.guests.len() - 1, |o| o.on_error(PagerError::Shared(e)));
+            }
         }
     }
 
-    fn on_event(&mut self, event: UffdEvent, at: Instant) {
+    /// Tells guest `g`'s observer, unless it is detached.
+    fn notify(&self, g: usize, f: impl FnOnce(&dyn PagerObserver)) {
+        if let Some(o) = self.guests[g].observer() {
+            f(&*o);
+        }
+    }
+
+    /// Reports a failure: to the only guest, or the same error to every clone.
+    fn report_error(&mut self, err: PagerError) {
+        if matches!(self.fill, Fill::Copy) {
+            self.notify(0, |o| o.on_error(err));
+            return;
+        }
+        let e = Arc::clone(self.failure.get_or_insert_with(|| Arc::new(err)));
+        for g in 0..self.guests.len() {
+            self.notify(g, |o| o.on_error(PagerError::Shared(Arc::clone(&e))));
+        }
+    }
+
+    /// The loop cannot go on: report, then keep the userfaultfds open (closing one would
+    /// let a faulting vCPU run on a zero page) until the VMM stops the pager.
+    fn fatal(&mut self, e: UffdError) {
+        tracing::error!(error = %e, "pager: userfaultfd failed");
+        self.report_error(PagerError::Uffd(e));
+        self.shared.wait_for_stop();
+    }
+
+    fn on_event(&mut self, g: usize, event: UffdEvent, at: Instant) {
         let UffdEvent::PageFault {
             address,
             flags,
@@ -222,13 +248,7 @@ impl FaultLoop {
         let stats = &self.shared.stats;
         bump(&stats.fault_messages, 1);
         let address = address & !(PAGE_SIZE_U64 - 1);
-        let Some((ri, gpa)) = self
-            .shared
-            .regions
-            .iter()
-            .enumerate()
-            .find_map(|(i, r)| r.gpa_of_host(address).map(|g| (i, g)))
-        else {
+        let Some((ri, gpa)) = self.guests[g].locate(address) else {
             bump(&stats.unexpected_events, 1);
             tracing::warn!(address, "pager: fault outside every region");
             return;
@@ -236,9 +256,13 @@ impl FaultLoop {
         let page = gpa / PAGE_SIZE_U64;
         let region = self.shared.regions[ri];
         if self.shared.resident.get(ri, &region, page) {
-            // Queued before the copy that already woke its thread; wake again to be sure.
+            // Queued before the fill that already woke its thread (or, from a clone, before
+            // the cache write its retry will find); wake it to be sure.
             bump(&stats.stale_faults, 1);
-            let _ = self.uffd.wake(region.host_of_page(page), PAGE_SIZE);
+            let guest = &self.guests[g];
+            let _ = guest
+                .uffd
+                .wake(guest.regions[ri].host_of_page(page), PAGE_SIZE);
             return;
         }
         if self.failed.contains(&page) {
@@ -256,17 +280,18 @@ impl FaultLoop {
         };
         tracing::trace!(gpa, thread_id, "pager: fault");
         if let Some(f) = self.inflight.get_mut(&first) {
-            let duplicate = f.faulted.iter().any(|&(p, _)| p == page);
+            // A clone's first fault on a page another clone is waiting for is its own.
+            let duplicate = f.faulted.iter().any(|&(fg, p, _)| fg == g && p == page);
             if duplicate {
                 bump(&stats.duplicate_faults, 1);
             } else {
-                f.faulted.push((page, at));
+                f.faulted.push((g, page, at));
             }
             // A fault on a prefetched unit: it jumps ahead with a fetch of its own (the
             // prefetch job may still wait in the low-priority queue).
             let boost = std::mem::take(&mut f.prefetch);
             let pages = f.pages;
-            self.observer.on_fault(&event(duplicate));
+            self.notify(g, |o| o.on_fault(&event(duplicate)));
             if boost {
                 bump(&stats.prefetch_hits, 1);
                 self.start_fetch(first, pages, false);
@@ -299,13 +324,13 @@ impl FaultLoop {
                     region: ri,
                     pages,
                     prefetch: false,
-                    faulted: vec![(page, at)],
+                    faulted: vec![(g, page, at)],
                 },
             );
             // Report first (the VMM's kick is the latency-critical step), then fetch: with
             // inline fetching and no latency the page is mapped inside `start_fetch`, and
             // `on_page_ready` must follow `on_fault`.
-            self.observer.on_fault(&event(false));
+            self.notify(g, |o| o.on_fault(&event(false)));
             self.start_fetch(first, pages, false);
             self.planner.on_fault(
                 ri,
@@ -319,7 +344,7 @@ impl FaultLoop {
 
     /// The aligned fetch unit holding `page`, clipped to its region and to the source.
     fn unit_of(&self, page: u64, region: &GuestRegion) -> (u64, u64) {
-        unit_of(self.unit_pages, self.page_count, page, region)
+        region.unit_of(self.unit_pages, self.page_count, page)
     }
 
     fn take_requests(&mut self) {
@@ -416,7 +441,7 @@ impl FaultLoop {
                         u += 1;
                         continue;
                     };
-                    faulted.extend(f.faulted.iter().map(|&(p, _)| p * PAGE_SIZE_U64));
+                    faulted.extend(f.faulted.iter().map(|&(_, p, _)| p * PAGE_SIZE_U64));
                     u += f.pages.max(1);
                 }
                 self.fail(done.first, done.first..end, faulted, e);
@@ -462,7 +487,7 @@ impl FaultLoop {
             source: e,
         };
         tracing::error!(error = %err, "pager: fetch failed");
-        self.observer.on_error(err);
+        self.report_error(err);
     }
 
     fn map_due(&mut self) {
@@ -472,49 +497,25 @@ impl FaultLoop {
         }
     }
 
-    /// UFFDIO_COPY of a fetched unit, then report its faulted pages ready.
+    /// Fills a fetched unit in (fill.rs), then reports its faulted pages ready.
     fn map(&mut self, first: u64, buf: &[u8]) {
         let Some(f) = self.inflight.remove(&first) else {
             return;
         };
         let region = self.shared.regions[f.region];
-        let host = region.host_of_page(first);
-        let stats = &self.shared.stats;
         let t0 = Instant::now();
-        let mut off = 0;
-        let (mut copied, mut existed, mut calls) = (0u64, 0u64, 0u64);
-        while off < buf.len() {
-            calls += 1;
-            match self.uffd.copy(host + off, &buf[off..]) {
-                Ok(CopyOutcome::Copied) => {
-                    copied += ((buf.len() - off) / PAGE_SIZE) as u64;
-                    off = buf.len();
-                }
-                Ok(CopyOutcome::Partial(n)) => {
-                    copied += (n / PAGE_SIZE) as u64;
-                    off += n;
-                }
-                Ok(CopyOutcome::Exists) => {
-                    // Already present: wake anyone who raced with whoever mapped it.
-                    existed += 1;
-                    let _ = self.uffd.wake(host + off, PAGE_SIZE);
-                    off += PAGE_SIZE;
-                }
-                Err(e) => {
-                    let page = first + (off / PAGE_SIZE) as u64;
-                    self.failed.extend(first..first + f.pages);
-                    bump(&stats.fetch_errors, 1);
-                    let err = PagerError::Map {
-                        page,
-                        gpa: page * PAGE_SIZE_U64,
-                        source: e,
-                    };
-                    tracing::error!(error = %err, "pager: mapping failed");
-                    self.observer.on_error(err);
-                    return;
-                }
+        let faulted = f.faulted.iter().map(|&(g, _, _)| g);
+        let mapped = match self.fill.map(&self.guests, f.region, first, buf, faulted) {
+            Ok(m) => m,
+            Err(err) => {
+                self.failed.extend(first..first + f.pages);
+                bump(&self.shared.stats.fetch_errors, 1);
+                tracing::error!(error = %err, "pager: mapping failed");
+                self.report_error(err);
+                return;
             }
-        }
+        };
+        let stats = &self.shared.stats;
         let done_at = Instant::now();
         for p in first..first + f.pages {
             if !self.shared.resident.get(f.region, &region, p) {
@@ -532,19 +533,19 @@ impl FaultLoop {
             stats.fully_resident_ns.store(t.max(1), Ordering::Relaxed);
             tracing::info!(after = ?done_at - self.started, "pager: guest memory fully resident");
         }
-        bump(&stats.copy_calls, calls);
-        bump(&stats.pages_copied, copied);
-        bump(&stats.eexist, existed);
-        bump(&stats.bytes_copied, copied * PAGE_SIZE_U64);
+        bump(&stats.copy_calls, mapped.calls);
+        bump(&stats.pages_copied, mapped.pages);
+        bump(&stats.eexist, mapped.existed);
+        bump(&stats.bytes_copied, mapped.pages * PAGE_SIZE_U64);
         {
             let mut h = stats.hist.lock().unwrap_or_else(PoisonError::into_inner);
             h.copy_time.record(done_at - t0);
-            for &(_, at) in &f.faulted {
+            for &(_, _, at) in &f.faulted {
                 h.fault_to_copy.record(done_at - at);
             }
         }
-        for &(page, _) in &f.faulted {
-            self.observer.on_page_ready(page * PAGE_SIZE_U64, done_at);
+        for &(g, page, _) in &f.faulted {
+            self.notify(g, |o| o.on_page_ready(page * PAGE_SIZE_U64, done_at));
         }
     }
 
@@ -568,8 +569,7 @@ impl FaultLoop {
                     && !inflight.contains_key(&first)
                     && !failed.contains(&first)
             };
-            let unit_of =
-                |page, region: &GuestRegion| unit_of(unit_pages, page_count, page, region);
+            let unit_of = |page, region: &GuestRegion| region.unit_of(unit_pages, page_count, page);
             let Some((ri, first, units)) =
                 self.planner
                     .next(batch, &shared.regions, page_count, unit_of, eligible)

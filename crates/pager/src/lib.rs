@@ -8,6 +8,11 @@
 //! (kick that vCPU, maybe inject an APF), `on_page_ready` (tokens on that page become ready),
 //! `on_error` (stop the VM). It knows nothing of KVM.
 //!
+//! Clones of one snapshot: [`Pager::start_shared`] fills a [`PageCache`] (a memfd) that
+//! each clone maps copy-on-write; [`PagerHandle::attach`] adds a clone (its own
+//! userfaultfd, its own observer); every chunk is fetched once, whichever clone faults on it
+//! first, and the clones waiting on it are woken once it is in the cache (see [`cache`]).
+//!
 //! All `unsafe` code lives in [`uffd`] (plus the contract of [`GuestRegion::new`]).
 //!
 //! # Wiring it into a VMM
@@ -28,6 +33,7 @@
 //!   missing; vCPUs blocked on it leave `KVM_RUN` with EINTR when kicked. Stop the pager
 //!   only after the vCPUs: closing the userfaultfd turns missing pages into zero pages.
 
+pub mod cache;
 pub mod nbd;
 pub mod uffd;
 
@@ -35,6 +41,8 @@ mod deadline;
 mod error;
 mod fault_loop;
 mod fetch;
+mod fill;
+mod guests;
 mod latency;
 mod observer;
 mod pager;
@@ -45,7 +53,9 @@ mod source;
 mod stats;
 mod verify;
 
+pub use cache::{CacheError, PageCache};
 pub use error::PagerError;
+pub use guests::Attachment;
 pub use latency::{FetchLatency, LatencySampler, ParseLatencyError};
 pub use nbd::{NbdSource, NbdSourceConfig, NbdUrl};
 pub use observer::{ChannelObserver, FaultEvent, NoopObserver, PagerEvent, PagerObserver};

@@ -1,15 +1,24 @@
 //! The pager: its configuration, start and stop, and a handle for other threads. The fault
 //! loop itself is in `fault_loop.rs`, the fetch threads in `fetch.rs`.
+//!
+//! Two kinds: [`Pager::start`] serves one guest's private memory (pages copied in with
+//! `UFFDIO_COPY`); [`Pager::start_shared`] fills a [`PageCache`] that clones of one
+//! snapshot map copy-on-write, each clone attached with [`PagerHandle::attach`] (its own
+//! userfaultfd and observer), every chunk fetched once for all of them.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use rustix::event::{EventfdFlags, eventfd};
 
+use crate::cache::PageCache;
 use crate::error::PagerError;
 use crate::fault_loop::FaultLoop;
 use crate::fetch::FetchPool;
+use crate::fill::Fill;
+use crate::guests::{Attachment, Guest, same_layout};
 use crate::latency::{FetchLatency, LatencySampler};
 use crate::observer::PagerObserver;
 use crate::prefetch::Prefetch;
@@ -101,12 +110,56 @@ impl PagerHandle {
         self.shared.stats.snapshot()
     }
 
-    /// Pages mapped so far, over all regions.
+    /// Pages mapped so far (for a shared-cache pager: written into the cache), over all
+    /// regions.
     pub fn resident_pages(&self) -> u64 {
         (0..self.shared.regions.len())
             .map(|i| self.shared.resident.count(i))
             .sum()
     }
+
+    /// Attaches a clone to a shared-cache pager ([`Pager::start_shared`]): `regions` (its
+    /// own mappings of the cache, private, untouched in the served layout) are registered
+    /// with a new userfaultfd, and its faults are served from then on, each reported to
+    /// `observer` (as are the pager's failures, the same error to every clone). Messages
+    /// queue in the userfaultfd until the pager thread takes the clone in, so its vCPUs may
+    /// run as soon as this returns.
+    pub fn attach(
+        &self,
+        regions: Vec<GuestRegion>,
+        observer: Arc<dyn PagerObserver>,
+    ) -> Result<Attachment, PagerError> {
+        if !self.shared.takes_clones {
+            return Err(PagerError::NotShared);
+        }
+        validate(&regions)?;
+        if !same_layout(&regions, &self.shared.regions) {
+            return Err(PagerError::Region(
+                "a clone's regions must cover the shared cache's layout, in order".into(),
+            ));
+        }
+        let uffd = Uffd::new()?;
+        register(&uffd, &regions)?;
+        let guest = Arc::new(Guest::new(uffd, regions, observer));
+        let attachment = Attachment::new(&guest, Arc::clone(&self.shared));
+        self.shared
+            .attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(guest);
+        self.shared.wake();
+        Ok(attachment)
+    }
+}
+
+/// Registers every region with `uffd` (MISSING mode).
+fn register(uffd: &Uffd, regions: &[GuestRegion]) -> Result<(), PagerError> {
+    for r in regions {
+        // SAFETY: every `GuestRegion` was built with `GuestRegion::new`, whose contract is
+        // `Uffd::register`'s.
+        unsafe { uffd.register(r.host_addr(), r.len()) }?;
+    }
+    Ok(())
 }
 
 /// Demand-pages guest memory: owns the userfaultfd and runs the fault loop on its own thread.
@@ -140,17 +193,51 @@ impl Pager {
         config: &PagerConfig,
     ) -> Result<Self, PagerError> {
         validate(&regions)?;
+        register(&uffd, &regions)?;
+        let guest = Arc::new(Guest::new(uffd, regions.clone(), observer));
+        Self::launch(regions, vec![guest], Fill::Copy, source, config)
+    }
+
+    /// A pager that fills `cache` instead of a guest's memory: the guest-physical `layout`
+    /// (page-aligned ranges; guest page `p` lies at offset `p * 4096` of the cache) is served
+    /// from `source` to every clone attached with [`PagerHandle::attach`], each chunk fetched
+    /// once and written into the cache, whoever faulted on it.
+    pub fn start_shared(
+        cache: Arc<PageCache>,
+        layout: &[Range<u64>],
+        source: Arc<dyn PageSource>,
+        config: &PagerConfig,
+    ) -> Result<Self, PagerError> {
+        let regions = layout
+            .iter()
+            .map(|r| {
+                let len = usize::try_from(r.end.saturating_sub(r.start)).unwrap_or(usize::MAX);
+                GuestRegion::layout(r.start, len)
+            })
+            .collect::<Vec<_>>();
+        validate(&regions)?;
+        if let Some(r) = layout.iter().find(|r| r.end > cache.len()) {
+            return Err(PagerError::Region(format!(
+                "range {r:#x?} lies past the end of the {}-byte cache",
+                cache.len()
+            )));
+        }
+        Self::launch(regions, Vec::new(), Fill::Cache(cache), source, config)
+    }
+
+    fn launch(
+        regions: Vec<GuestRegion>,
+        guests: Vec<Arc<Guest>>,
+        fill: Fill,
+        source: Arc<dyn PageSource>,
+        config: &PagerConfig,
+    ) -> Result<Self, PagerError> {
         let unit_pages = source.unit_pages();
         if unit_pages == 0 {
             return Err(PagerError::Region(format!(
                 "source {} has a fetch unit of 0 pages",
                 source.describe()
             )));
-        }
-        for r in &regions {
-            // SAFETY: every `GuestRegion` was built with `GuestRegion::new`, whose contract
-            // is `Uffd::register`'s.
-            unsafe { uffd.register(r.host_addr(), r.len()) }?;
         }
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(|errno| {
             UffdError::Os {
@@ -161,6 +248,8 @@ impl Pager {
         let shared = Arc::new(Shared {
             resident: ResidentMap::new(&regions),
             regions,
+            takes_clones: matches!(fill, Fill::Cache(_)),
+            attached: Mutex::new(Vec::new()),
             stats: Stats::new(),
             stop: AtomicBool::new(false),
             wake,
@@ -178,9 +267,9 @@ impl Pager {
             "pager started"
         );
         let fault_loop = FaultLoop::new(
-            uffd,
+            guests,
+            fill,
             Arc::clone(&shared),
-            observer,
             Arc::clone(&source),
             pool,
             LatencySampler::new(config.latency, config.seed),

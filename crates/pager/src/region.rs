@@ -31,6 +31,13 @@ impl GuestRegion {
         }
     }
 
+    /// Guest-physical `[gpa, gpa + len)` with no host memory: the layout of a shared-cache
+    /// pager, whose pages go to a file and whose guests bring their own regions. Never
+    /// addressed.
+    pub(crate) fn layout(gpa: u64, len: usize) -> Self {
+        Self { gpa, host: 0, len }
+    }
+
     /// Guest-physical start.
     pub fn gpa(&self) -> u64 {
         self.gpa
@@ -73,6 +80,17 @@ impl GuestRegion {
         self.host + off
     }
 
+    /// The aligned unit of `unit_pages` holding `page`, clipped to this region and to a
+    /// source of `page_count` pages: `(first page, pages)`.
+    pub(crate) fn unit_of(&self, unit_pages: u64, page_count: u64, page: u64) -> (u64, u64) {
+        let start = page / unit_pages * unit_pages;
+        let first = start.max(self.first_page());
+        let end = (start + unit_pages)
+            .min(self.end_page())
+            .min(page_count.max(page + 1));
+        (first, end - first)
+    }
+
     pub(crate) fn contains_page(&self, page: u64) -> bool {
         page >= self.first_page() && page < self.end_page()
     }
@@ -98,7 +116,9 @@ pub(crate) fn validate(regions: &[GuestRegion]) -> Result<(), PagerError> {
     for (i, a) in regions.iter().enumerate() {
         for b in &regions[i + 1..] {
             let gpa_overlap = a.first_page() < b.end_page() && b.first_page() < a.end_page();
-            let host_overlap = a.host < b.host + b.len && b.host < a.host + a.len;
+            // A layout (host 0: a shared-cache pager's) has no host memory to overlap.
+            let host_overlap =
+                a.host != 0 && b.host != 0 && a.host < b.host + b.len && b.host < a.host + a.len;
             if gpa_overlap || host_overlap {
                 return Err(PagerError::Region(format!(
                     "regions at gpa {:#x} and {:#x} overlap",

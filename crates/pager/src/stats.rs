@@ -106,9 +106,12 @@ pub struct PagerStats {
     /// Page-fault messages read from the userfaultfd (duplicates included).
     pub fault_messages: u64,
     /// Messages for a page whose fetch was already in flight (reported, no second fetch).
+    /// With clones, a second message of the same clone for the same page: another clone's
+    /// first fault on a page in flight is not a duplicate (it is reported to that clone as
+    /// its own fault; it joins the fetch all the same).
     pub duplicate_faults: u64,
     /// Messages for a page already mapped (a stale message: not reported, the thread was
-    /// already woken by the copy).
+    /// already woken by the copy, or, from a clone, woken now: the page is in the cache).
     pub stale_faults: u64,
     /// Messages for a page whose fetch failed (after [`crate::PagerObserver::on_error`]).
     pub faults_after_error: u64,
@@ -131,13 +134,13 @@ pub struct PagerStats {
     pub fully_resident_ns: Option<u64>,
     /// Fetches that failed for good (reported through `on_error`).
     pub fetch_errors: u64,
-    /// Pages mapped by UFFDIO_COPY.
+    /// Pages mapped by UFFDIO_COPY (clones: written into the shared page cache).
     pub pages_copied: u64,
     /// Pages found already present on copy (EEXIST): not an error.
     pub eexist: u64,
     /// Bytes mapped.
     pub bytes_copied: u64,
-    /// UFFDIO_COPY calls.
+    /// UFFDIO_COPY calls (clones: writes into the shared page cache).
     pub copy_calls: u64,
     /// First fault message of a page → page mapped (includes fetch and added latency).
     pub fault_to_copy: LatencySummary,

@@ -33,6 +33,8 @@ pub struct Guest {
     pub workload: String,
     /// Bytes scanned (all scans together).
     pub scan_bytes: Option<u64>,
+    /// Where the scans start (`--scan-at`); `None`: at the start of workload memory.
+    pub scan_at: Option<u64>,
     /// Passes of each scan.
     pub passes: u64,
     /// The APF protocol offered.
@@ -47,6 +49,7 @@ impl Guest {
             mem: MEM,
             workload: "compute:2,scan:1".into(),
             scan_bytes: Some(SCAN),
+            scan_at: None,
             passes: 2,
             apf,
         }
@@ -58,7 +61,8 @@ impl Guest {
             &self.workload,
             WorkloadParams {
                 vcpus: self.vcpus,
-                ram_end: self.mem,
+                mem_size: self.mem,
+                scan_at: self.scan_at,
                 scan_bytes: self.scan_bytes,
                 scan_passes: self.passes,
                 compute_ms: 0,

@@ -1,6 +1,6 @@
 //! Test support shared by the workspace's tests, and only by tests (every crate takes it as
 //! a dev-dependency):
-//! - [`require_kvm`] / [`require_qemu_nbd`]: skip a test where the machine lacks what it
+//! - [`require_kvm`] / [`require_qemu_nbd`] / [`require_nbdkit`]: skip a test where the machine lacks what it
 //!   needs — or fail it, where CI says the machine has it (`APFVM_REQUIRE_KVM=1`).
 //! - [`fixture`]: guests to snapshot, snapshots shared by a test file, restore options, the
 //!   checks every restored run must pass.
@@ -52,6 +52,21 @@ pub fn require_qemu_nbd() -> bool {
         "qemu-nbd is missing but {REQUIRE_KVM_ENV}=1: CI installs it (.ci/run)"
     );
     println!("SKIPPED: qemu-nbd not installed");
+    false
+}
+
+/// True when `nbdkit` runs (its file plugin serves the NBD tests' second server).
+/// Otherwise prints exactly `SKIPPED: nbdkit not installed` and returns false — or panics
+/// when [`REQUIRE_KVM_ENV`] is `1` (CI installs it).
+pub fn require_nbdkit() -> bool {
+    if harness::qemu_nbd::ServerKind::Nbdkit.available() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "nbdkit is missing but {REQUIRE_KVM_ENV}=1: CI installs it (.ci/run)"
+    );
+    println!("SKIPPED: nbdkit not installed");
     false
 }
 

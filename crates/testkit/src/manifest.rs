@@ -4,11 +4,13 @@
 use apf_host::{SavedState, SavedVcpu};
 use kvm_bindings::{kvm_irqchip, kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events};
 use vmm::config::{ApfMode, HaltMode};
+use vmm::layout::ram_regions;
 use vmm::snapshot::Manifest;
 use vmm::snapshot::format::{
     CHUNK_SIZE, FORMAT_VERSION, MAGIC, MEMORY, MemoryInfo, SavedConfig, SavedTask, SavedVcpuState,
     SavedVmState,
 };
+use vmm::snapshot::memory_file::regions_of;
 
 /// The state of vCPU `index` as a snapshot of a just-created vCPU would hold it.
 pub fn vcpu(index: u32) -> SavedVcpuState {
@@ -38,7 +40,8 @@ pub fn task(kind: u32, cpu: u32) -> SavedTask {
 }
 
 /// A valid manifest of 2 vCPUs and `mem` bytes of RAM (v2 APF enabled on vCPU 0, a compute
-/// task on vCPU 0 and a scan on vCPU 1), as `apfvm snapshot` writes one.
+/// task on vCPU 0 and a scan on vCPU 1, the memory file's regions those of `mem`), as
+/// `apfvm snapshot` writes one.
 pub fn example(mem: u64) -> Manifest {
     Manifest {
         magic: MAGIC.into(),
@@ -71,6 +74,7 @@ pub fn example(mem: u64) -> Manifest {
             file: MEMORY.into(),
             size: mem,
             chunk_size: CHUNK_SIZE,
+            regions: regions_of(&ram_regions(mem)),
             crc32: vec![0; usize::try_from(mem.div_ceil(CHUNK_SIZE)).unwrap_or(0)],
         },
     }

@@ -8,7 +8,9 @@
 //! distinct regions, more sleepers per vCPU than an outstanding limit lowered with
 //! `--apf-max-outstanding` (the guest has at most 48 tasks, the engine's default limit is 64).
 
-use guest_abi::{HOSTILE_CASES, MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec, WORKLOAD_GPA};
+use std::ops::Range;
+
+use guest_abi::{HOSTILE_CASES, MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec};
 
 use crate::error::{Result, VmmError};
 
@@ -46,19 +48,20 @@ fn scan(cpu: u32, start: u64, len: u64, passes: u64) -> TaskSpec {
     }
 }
 
-/// The task table of `hostile:<case>` over `vcpus` vCPUs, its scans in
-/// `[WORKLOAD_GPA, ram_end)`: `scan_bytes` per scan (same-page), in total (flood, the other
-/// cases), `scan_passes` each.
+/// The task table of `hostile:<case>` over `vcpus` vCPUs, its scans in `workload` (inside
+/// one RAM region): `scan_bytes` per scan (same-page), in total (flood, the other cases),
+/// `scan_passes` each.
 pub fn tasks(
     case: &str,
     vcpus: u32,
-    ram_end: u64,
+    workload: Range<u64>,
     scan_bytes: Option<u64>,
     scan_passes: u64,
 ) -> Result<Vec<TaskSpec>> {
     let index = case_index(case.trim())?;
     let vcpus = vcpus.max(1);
-    let region = ram_end.saturating_sub(WORKLOAD_GPA);
+    let region = workload.end.saturating_sub(workload.start);
+    let base = workload.start;
     let mut t: Vec<TaskSpec> = (0..vcpus)
         .map(|cpu| TaskSpec {
             kind: TaskKind::Compute as u32,
@@ -71,7 +74,7 @@ pub fn tasks(
             let len = scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
             for i in 0..SAME_PAGE_SCANS {
                 let cpu = u32::try_from(i).unwrap_or(0) % vcpus;
-                t.push(scan(cpu, WORKLOAD_GPA, len, scan_passes));
+                t.push(scan(cpu, base, len, scan_passes));
             }
         }
         "flood" => {
@@ -86,12 +89,7 @@ pub fn tasks(
             }
             for i in 0..FLOOD_SCANS {
                 let cpu = u32::try_from(i).unwrap_or(0) % vcpus;
-                t.push(scan(
-                    cpu,
-                    WORKLOAD_GPA + i as u64 * share,
-                    share,
-                    scan_passes,
-                ));
+                t.push(scan(cpu, base + i as u64 * share, share, scan_passes));
             }
         }
         _ => {
@@ -103,7 +101,7 @@ pub fn tasks(
                 ..TaskSpec::default()
             });
             let len = scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region) & !0xfff;
-            t.push(scan(cpu, WORKLOAD_GPA, len, scan_passes));
+            t.push(scan(cpu, base, len, scan_passes));
         }
     }
     if t.len() > MAX_TASKS {
@@ -118,9 +116,10 @@ pub fn tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_abi::WORKLOAD_GPA;
 
     fn table(case: &str) -> Result<Vec<TaskSpec>> {
-        tasks(case, 2, 64 << 20, None, 1)
+        tasks(case, 2, WORKLOAD_GPA..64 << 20, None, 1)
     }
 
     #[test]

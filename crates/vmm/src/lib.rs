@@ -17,13 +17,18 @@
 //! - [`machine`] (a VM booted or restored, not running), [`run`](mod@run) (running it: vCPU
 //!   threads, APF driver, memory backend, observer), [`restore`](mod@restore) (snapshot → machine →
 //!   memory → run), [`report`] (what a run produced).
+//! - [`clones`]: many guests from one snapshot sharing one page cache (each chunk fetched
+//!   once, mapped copy-on-write into every clone); [`host_memory`]: what guest memory
+//!   costs the host (smaps, MemAvailable).
 
 pub mod apf;
+pub mod clones;
 pub mod config;
 pub mod console;
 pub mod error;
 pub mod exit;
 pub mod guest_image;
+pub mod host_memory;
 pub mod hostile;
 pub mod kick;
 pub mod kvm;

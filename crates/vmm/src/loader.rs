@@ -279,7 +279,7 @@ mod tests {
 
     #[test]
     fn load_writes_the_segment() {
-        let ram = GuestRam::new(crate::layout::MIN_RAM).unwrap();
+        let ram = GuestRam::new(&crate::layout::ram_regions(crate::layout::MIN_RAM)).unwrap();
         parse(&build_tiny_elf(KERNEL_MIN_GPA, &UD2))
             .unwrap()
             .load(&ram)

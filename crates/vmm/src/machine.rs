@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use apf_host::SavedState;
-use guest_abi::{ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, MAX_CPUS, MAX_TASKS, TaskSpec};
+use guest_abi::{
+    ABI_VERSION, BOOT_INFO_GPA, BOOT_MAGIC, BootInfo, MAX_CPUS, MAX_RAM_REGIONS, MAX_TASKS,
+    RamRegion, TaskSpec,
+};
 use kvm_ioctls::Kvm;
 
 use crate::config::{ApfPath, VmConfig};
@@ -55,6 +58,38 @@ impl EmptyMachine {
     /// for the APF path `apf`: `hlt` handling and the MSR filter follow it
     /// ([`ApfPath::halt`], [`ApfPath::kvm_owns_msrs`]). Guest RAM is mapped and empty.
     pub fn create(snapshot: &Snapshot, apf: ApfPath) -> Result<EmptyMachine> {
+        Self::create_with(snapshot, apf, |kvm, size| Ok(Arc::new(new_ram(kvm, size)?)))
+    }
+
+    /// [`EmptyMachine::create`] on RAM the caller mapped (the regions of the snapshot's
+    /// memory size, [`layout::ram_regions`]): a clone's private mapping of the shared page
+    /// cache.
+    pub fn create_on(
+        snapshot: &Snapshot,
+        apf: ApfPath,
+        ram: Arc<GuestRam>,
+    ) -> Result<EmptyMachine> {
+        Self::create_with(snapshot, apf, |kvm, size| {
+            check_reachable(kvm, size)?;
+            let regions = layout::ram_regions(size);
+            if ram.regions() != regions.as_slice() {
+                return Err(VmmError::Config(format!(
+                    "RAM regions {:#x?} for a snapshot of {} (regions {regions:#x?})",
+                    ram.regions(),
+                    layout::human_size(size)
+                )));
+            }
+            Ok(ram)
+        })
+    }
+
+    /// The VM of `snapshot` (its configuration validated first) on the RAM `ram` gives for
+    /// its memory size.
+    fn create_with(
+        snapshot: &Snapshot,
+        apf: ApfPath,
+        ram: impl FnOnce(&Kvm, u64) -> Result<Arc<GuestRam>>,
+    ) -> Result<EmptyMachine> {
         let m = &snapshot.manifest;
         let config = VmConfig {
             vcpus: m.config.vcpus,
@@ -67,7 +102,7 @@ impl EmptyMachine {
         };
         validate(&config)?;
         let kvm = vm::open_kvm()?;
-        let ram = Arc::new(GuestRam::new(config.mem_size)?);
+        let ram = ram(&kvm, config.mem_size)?;
         let vm = Arc::new(Vm::create(&kvm, config.halt, !apf.kvm_owns_msrs(), ram)?);
         Ok(EmptyMachine {
             config,
@@ -159,9 +194,54 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+/// The guest-physical address width KVM gives guests (CPUID 0x8000_0008 EAX[7:0]); `None`
+/// when KVM does not say.
+fn guest_phys_bits(kvm: &Kvm) -> Option<u32> {
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()?;
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| e.eax & 0xff)
+        .filter(|&bits| bits != 0)
+}
+
+/// Guest RAM of `size` bytes in its regions, refused clearly when the host cannot give it:
+/// RAM the guest's physical address width cannot reach, or a mapping the host refuses.
+fn new_ram(kvm: &Kvm, size: u64) -> Result<GuestRam> {
+    check_reachable(kvm, size)?;
+    Ok(GuestRam::new(&layout::ram_regions(size))?)
+}
+
+/// Refuses RAM of `size` bytes that would end beyond the guest-physical addresses this
+/// host's KVM offers.
+fn check_reachable(kvm: &Kvm, size: u64) -> Result<()> {
+    let end = layout::ram_end(size);
+    if let Some(bits) = guest_phys_bits(kvm)
+        && end > 1u64.checked_shl(bits).unwrap_or(u64::MAX)
+    {
+        return Err(VmmError::Config(format!(
+            "memory size {}: RAM would end at {end:#x}, beyond the {bits}-bit guest-physical \
+             addresses this host's KVM offers",
+            layout::human_size(size)
+        )));
+    }
+    Ok(())
+}
+
 fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {
     let mut tasks = [TaskSpec::default(); MAX_TASKS];
     tasks[..cfg.tasks.len()].copy_from_slice(&cfg.tasks);
+    let regions = layout::ram_regions(cfg.mem_size);
+    let mut ram_regions = [RamRegion::default(); MAX_RAM_REGIONS];
+    for (slot, r) in ram_regions.iter_mut().zip(&regions) {
+        *slot = RamRegion {
+            start: r.start,
+            size: r.end - r.start,
+        };
+    }
     BootInfo {
         magic: BOOT_MAGIC,
         version: ABI_VERSION,
@@ -171,6 +251,9 @@ fn boot_info(cfg: &VmConfig, tsc_khz: u32) -> BootInfo {
         quantum_us: cfg.quantum_us,
         task_count: u32::try_from(cfg.tasks.len()).unwrap_or(0),
         tasks,
+        ram_region_count: u32::try_from(regions.len().min(MAX_RAM_REGIONS)).unwrap_or(0),
+        reserved: 0,
+        ram_regions,
     }
 }
 
@@ -185,7 +268,7 @@ impl Machine {
             &kvm,
             cfg.halt,
             true,
-            Arc::new(GuestRam::new(cfg.mem_size)?),
+            Arc::new(new_ram(&kvm, cfg.mem_size)?),
         )?);
         let ram = vm.ram();
         layout::write_boot_tables(ram)?;

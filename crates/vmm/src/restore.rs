@@ -6,15 +6,19 @@
 //!   ─► eager memory loaded (all of it, or the low region of a lazy restore), before the
 //!      vCPUs exist: later host writes cost the guest shadow-MMU faults on our hosts
 //!   ─► EmptyMachine::load_state (irqchip and vCPU state, APF MSRs for the driver)
-//!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of RAM), options, observer)
+//!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of each RAM region), options,
+//!          observer)
 //! ```
 //!
 //! Lazy: the low 16 MiB (boot data, counters, the VMM's page tables, the kernel image, its
 //! stacks: everything below `WORKLOAD_GPA`, touched at CPL 0 where a fault cannot become an
-//! APF anyway) is loaded before the first instruction; workload memory arrives on demand
-//! through userfaultfd. The driver loads the snapshot's APF MSRs, whose enable path queues a
-//! wake-all per enabled vCPU, so tasks asleep at snapshot time retry.
+//! APF anyway) is loaded before the first instruction; workload memory, in every RAM region
+//! (below the MMIO hole and above 4 GiB), arrives on demand through userfaultfd: the time to
+//! the first instruction does not grow with the guest's size. The driver loads the
+//! snapshot's APF MSRs, whose enable path queues a wake-all per enabled vCPU, so tasks asleep
+//! at snapshot time retry.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,6 @@ use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
 use crate::lazy::LazyPlan;
 use crate::machine::EmptyMachine;
-use crate::memory::GuestRam;
 use crate::report::{RestoreMode, RestoreReport, RunReport};
 use crate::run::observer::RunObserver;
 use crate::run::{self, ApfOptions, Memory, RunOptions, SnapshotPlan};
@@ -87,19 +90,48 @@ impl RestoreOptions {
 /// Bytes read from the source per request while loading memory eagerly.
 const EAGER_BLOCK: u64 = 4 << 20;
 
-/// Loads `[0, end)` of `ram` from `source` (verified per chunk) before any vCPU runs.
-fn load_eager(ram: &GuestRam, source: &dyn PageSource, end: u64) -> Result<()> {
+/// Loads `ranges` of guest memory from `source` (guest pages, verified per chunk) before
+/// any vCPU runs, block by block into `write(gpa, bytes)`: guest RAM, or the clones' shared
+/// cache (guest-physical address = cache offset). Blocks of zeros are not written: fresh
+/// guest RAM and a sparse cache read as zeros already, and a big guest's untouched memory
+/// then costs the host nothing.
+pub(crate) fn load_eager(
+    source: &dyn PageSource,
+    ranges: &[Range<u64>],
+    mut write: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
     let mut buf = vec![0u8; usize::try_from(EAGER_BLOCK).unwrap_or(0)];
-    let mut off = 0;
-    while off < end {
-        let n = usize::try_from((end - off).min(EAGER_BLOCK)).unwrap_or(0);
-        source
-            .fetch(off / pager::PAGE_SIZE as u64, &mut buf[..n])
-            .map_err(|e| VmmError::source(source.describe(), e))?;
-        ram.write(off, &buf[..n])?;
-        off += n as u64;
+    for range in ranges {
+        let mut off = range.start;
+        while off < range.end {
+            let n = usize::try_from((range.end - off).min(EAGER_BLOCK)).unwrap_or(0);
+            source
+                .fetch(off / pager::PAGE_SIZE as u64, &mut buf[..n])
+                .map_err(|e| VmmError::source(source.describe(), e))?;
+            if !crate::memory::is_zero(&buf[..n]) {
+                write(off, &buf[..n])?;
+            }
+            off += n as u64;
+        }
     }
     Ok(())
+}
+
+/// Splits RAM into what a restore loads before the first instruction and what it serves
+/// on demand: everything eager, or (lazy) `[0, WORKLOAD_GPA)` eager and the rest of every
+/// RAM region lazy.
+pub(crate) fn split_ram(ram: &[Range<u64>], lazy: bool) -> (Vec<Range<u64>>, Vec<Range<u64>>) {
+    if !lazy {
+        return (ram.to_vec(), Vec::new());
+    }
+    let clip = |r: &Range<u64>, lo: u64, hi: u64| r.start.max(lo)..r.end.min(hi);
+    let keep = |r: &Range<u64>| r.start < r.end;
+    let eager = ram.iter().map(|r| clip(r, 0, WORKLOAD_GPA)).filter(keep);
+    let rest = ram
+        .iter()
+        .map(|r| clip(r, WORKLOAD_GPA, u64::MAX))
+        .filter(keep);
+    (eager.collect(), rest.collect())
 }
 
 /// Restores the snapshot in `opts.dir` and runs the guest to its end; `observer` watches
@@ -118,19 +150,16 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         Snapshot::open(&opts.dir)?
     };
     let source = source::open(&snap, &opts.source)?;
-    let mem_size = snap.manifest.config.mem_size;
-    let eager_end = if opts.lazy {
-        WORKLOAD_GPA.min(mem_size)
-    } else {
-        mem_size
-    };
     let empty = EmptyMachine::create(&snap, opts.apf)?;
-    load_eager(empty.ram(), &*source, eager_end)?;
+    let ram = empty.ram();
+    let (eager, lazy) = split_ram(ram.regions(), opts.lazy);
+    let eager_bytes = eager.iter().map(|r| r.end - r.start).sum();
+    load_eager(&*source, &eager, |gpa, bytes| Ok(ram.write(gpa, bytes)?))?;
     let machine = empty.load_state(&snap)?;
     let source_name = source.describe();
     let memory = if opts.lazy {
         Memory::Lazy(LazyPlan {
-            range: eager_end..mem_size,
+            ranges: lazy,
             source,
             latency: opts.fetch_latency,
             prefetch: opts.prefetch,
@@ -161,8 +190,28 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         },
         apf_path: opts.apf,
         setup_us,
-        eager_bytes: eager_end,
+        eager_bytes,
         source: source_name,
     });
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lazy_restore_loads_the_low_16_mib_of_ram_and_serves_the_rest_of_every_region() {
+        let ram = crate::layout::ram_regions(5 << 30);
+        let (eager, lazy) = split_ram(&ram, true);
+        assert_eq!(
+            eager,
+            vec![Range {
+                start: 0,
+                end: WORKLOAD_GPA
+            }]
+        );
+        assert_eq!(lazy, [WORKLOAD_GPA..3 << 30, 4 << 30..6 << 30]);
+        assert_eq!(split_ram(&ram, false), (ram, Vec::new()));
+    }
 }

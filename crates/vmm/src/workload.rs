@@ -1,10 +1,15 @@
 //! `--workload SPEC`: a comma list of `kind[:count]` (`compute:3,scan:1`, `msr-selftest`),
 //! turned into guest-abi [`TaskSpec`]s: tasks round-robin over vCPUs, scan tasks each get an
-//! equal, page-aligned share of the workload region.
+//! equal, page-aligned share of the workload region: `[16 MiB, end of RAM region 0)`, or from
+//! `--scan-at` to the end of the RAM region holding it, so that a scan never straddles the
+//! MMIO hole.
+
+use std::ops::Range;
 
 use guest_abi::{MAX_TASKS, SCAN_FILL, SCAN_SNAPSHOT, TaskKind, TaskSpec, WORKLOAD_GPA};
 
 use crate::error::{Result, VmmError};
+use crate::layout;
 
 /// The default `--workload`.
 pub const DEFAULT: &str = "compute:2,scan:1";
@@ -14,8 +19,11 @@ pub const DEFAULT: &str = "compute:2,scan:1";
 pub struct WorkloadParams {
     /// vCPUs to spread tasks over.
     pub vcpus: u32,
-    /// End of guest RAM; scan regions lie in `[WORKLOAD_GPA, ram_end)`.
-    pub ram_end: u64,
+    /// Bytes of guest RAM (its regions: [`crate::layout::ram_regions`]).
+    pub mem_size: u64,
+    /// Where the scans' memory starts (page aligned, in RAM, at or above `WORKLOAD_GPA`);
+    /// `None`: at `WORKLOAD_GPA`. The scans share the rest of that RAM region.
+    pub scan_at: Option<u64>,
     /// Bytes scanned in total (split among scan tasks); `None` = the whole region.
     pub scan_bytes: Option<u64>,
     /// Passes of each scan (>= 1).
@@ -69,15 +77,45 @@ pub fn parse_kinds(spec: &str) -> Result<Vec<TaskKind>> {
     Ok(kinds)
 }
 
+/// The workload region of `p`: from `scan_at` (default `WORKLOAD_GPA`) to the end of the
+/// RAM region holding it.
+pub fn scan_region(p: &WorkloadParams) -> Result<Range<u64>> {
+    let start = p.scan_at.unwrap_or(WORKLOAD_GPA);
+    let ram = layout::ram_regions(p.mem_size);
+    let bad = |why: &str| {
+        VmmError::Config(format!(
+            "--scan-at {start:#x} {why} (RAM of {}: {})",
+            layout::human_size(p.mem_size),
+            ram.iter()
+                .map(|r| format!("{:#x}..{:#x}", r.start, r.end))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    };
+    if start < WORKLOAD_GPA {
+        return Err(bad(&format!(
+            "is below workload memory ({WORKLOAD_GPA:#x})"
+        )));
+    }
+    if !start.is_multiple_of(4096) {
+        return Err(bad("is not page aligned"));
+    }
+    ram.iter()
+        .find(|r| r.contains(&start))
+        .map(|r| start..r.end)
+        .ok_or_else(|| bad("is not in guest RAM"))
+}
+
 /// Builds the task table.
 pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
+    let workload = scan_region(&p)?;
     if let Some(case) = spec.trim().strip_prefix("hostile:") {
-        return crate::hostile::tasks(case, p.vcpus, p.ram_end, p.scan_bytes, p.scan_passes);
+        return crate::hostile::tasks(case, p.vcpus, workload, p.scan_bytes, p.scan_passes);
     }
     let kinds = parse_kinds(spec)?;
     let scans = kinds.iter().filter(|k| **k == TaskKind::Scan).count() as u64;
     let only_compute = kinds.iter().all(|k| *k == TaskKind::Compute);
-    let region = p.ram_end.saturating_sub(WORKLOAD_GPA);
+    let region = workload.end - workload.start;
     let total = p.scan_bytes.map_or(region, |b| b.min(region));
     let share = total.checked_div(scans).unwrap_or(0) & !0xfff;
     if scans > 0 && share == 0 {
@@ -104,7 +142,7 @@ pub fn build(spec: &str, p: WorkloadParams) -> Result<Vec<TaskSpec>> {
             }
             TaskKind::Scan => {
                 t.flags = SCAN_FILL;
-                t.arg0 = WORKLOAD_GPA + scan_no * share;
+                t.arg0 = workload.start + scan_no * share;
                 t.arg1 = share;
                 t.arg2 = p.scan_passes.max(1);
                 scan_no += 1;
@@ -131,7 +169,8 @@ mod tests {
     fn params() -> WorkloadParams {
         WorkloadParams {
             vcpus: 2,
-            ram_end: 256 << 20,
+            mem_size: 256 << 20,
+            scan_at: None,
             scan_bytes: None,
             scan_passes: 1,
             compute_ms: 0,
@@ -176,5 +215,60 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t[0].arg1, 1 << 20);
+    }
+
+    #[test]
+    fn scans_lie_in_one_ram_region_from_scan_at() {
+        let big = WorkloadParams {
+            mem_size: 5 << 30,
+            ..params()
+        };
+        // By default the scans share region 0: they end at the MMIO hole.
+        let t = build("scan:2", big).unwrap();
+        assert_eq!(t[1].arg0 + t[1].arg1, 3 << 30);
+        let high = WorkloadParams {
+            scan_at: Some(4 << 30),
+            scan_bytes: Some(8 << 20),
+            ..big
+        };
+        let t = build("compute:1,scan:2", high).unwrap();
+        assert_eq!((t[1].arg0, t[1].arg1), (4 << 30, 4 << 20));
+        assert_eq!(t[2].arg0, (4 << 30) + (4 << 20));
+        // The whole rest of region 1 without --scan-size.
+        let t = build(
+            "scan:1",
+            WorkloadParams {
+                scan_bytes: None,
+                ..high
+            },
+        )
+        .unwrap();
+        assert_eq!(t[0].arg0 + t[0].arg1, 6 << 30);
+        for (at, why) in [
+            (3 << 30, "is not in guest RAM"),
+            (6 << 30, "is not in guest RAM"),
+            (0x1000, "is below workload memory"),
+            ((4 << 30) + 8, "is not page aligned"),
+        ] {
+            let e = build(
+                "scan:1",
+                WorkloadParams {
+                    scan_at: Some(at),
+                    ..big
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        let e = scan_region(&WorkloadParams {
+            scan_at: Some(4 << 30),
+            ..params()
+        });
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("RAM of 256 MiB: 0x0..0x10000000")
+        );
     }
 }

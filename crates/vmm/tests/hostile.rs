@@ -26,7 +26,8 @@ fn config(apf: ApfMode, case: &str, passes: u64) -> VmConfig {
         &format!("hostile:{case}"),
         WorkloadParams {
             vcpus: 2,
-            ram_end: MEM,
+            mem_size: MEM,
+            scan_at: None,
             scan_bytes: None,
             scan_passes: passes,
             compute_ms: 0,

@@ -17,7 +17,8 @@ fn config(apf: ApfMode, vcpus: u32, spec: &str) -> VmConfig {
         spec,
         WorkloadParams {
             vcpus,
-            ram_end: MEM,
+            mem_size: MEM,
+            scan_at: None,
             scan_bytes: Some(4 << 20),
             scan_passes: 1,
             compute_ms: 0,

@@ -115,3 +115,106 @@ fn mp_states_that_could_never_run_are_refused() {
     m.vcpus[0].regs.rflags = 0x202;
     parse(&serde_json::to_value(&m).unwrap()).expect("halted with IF = 1 wakes on an interrupt");
 }
+
+/// Issue 12 item 4: the memory file holds RAM regions back to back (format 2). Regions that
+/// overlap, lie in the MMIO hole, do not cover the memory file, or let a chunk cross a
+/// region's boundary are refused, naming `memory.regions`.
+#[test]
+fn inconsistent_memory_regions_are_refused_naming_the_field() {
+    const BIG: u64 = 4 << 30;
+    let big = || serde_json::to_value(testkit::manifest::example(BIG)).unwrap();
+    parse(&big()).expect("a 4 GiB manifest: [0, 3 GiB) and [4 GiB, 5 GiB)");
+    let cases: [(&str, serde_json::Value, &str); 6] = [
+        (
+            "overlap",
+            serde_json::json!([
+                {"gpa": 0, "size": 3u64 << 30, "file_offset": 0},
+                {"gpa": 1u64 << 30, "size": 1u64 << 30, "file_offset": 3u64 << 30},
+            ]),
+            "memory.regions[0] and memory.regions[1] overlap",
+        ),
+        (
+            "in the hole",
+            serde_json::json!([
+                {"gpa": 0, "size": 3u64 << 30, "file_offset": 0},
+                {"gpa": 0xc000_0000u64, "size": 1u64 << 30, "file_offset": 3u64 << 30},
+            ]),
+            "memory.regions[1] (0xc0000000..0x100000000) lies in the MMIO hole",
+        ),
+        (
+            "a gap in the file",
+            serde_json::json!([
+                {"gpa": 0, "size": 3u64 << 30, "file_offset": 0},
+                {"gpa": 4u64 << 30, "size": 1u64 << 30, "file_offset": (3u64 << 30) + (1 << 20)},
+            ]),
+            "memory.regions[1] starts at file offset 0xc0100000, expected 0xc0000000",
+        ),
+        (
+            "not covering the file",
+            serde_json::json!([{"gpa": 0, "size": 3u64 << 30, "file_offset": 0}]),
+            "memory.regions cover 3221225472 bytes, not the memory file's 4294967296",
+        ),
+        (
+            "a chunk across a boundary",
+            serde_json::json!([
+                {"gpa": 0, "size": (3u64 << 30) - 4096, "file_offset": 0},
+                {"gpa": 4u64 << 30, "size": (1u64 << 30) + 4096, "file_offset": (3u64 << 30) - 4096},
+            ]),
+            "memory.regions[0] (gpa 0x0, size 0xbffff000, file_offset 0x0): a chunk of 65536 bytes would cross its boundary",
+        ),
+        ("none", serde_json::json!([]), "memory.regions is empty"),
+    ];
+    for (what, regions, why) in cases {
+        let mut v = big();
+        v["memory"]["regions"] = regions;
+        match parse(&v) {
+            Err(SnapshotError::BadManifest { why: got, .. }) => {
+                assert!(
+                    got.contains(why),
+                    "{what}: refused for {got:?}, expected {why:?}"
+                );
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // A region above the end of a small guest's RAM: not the RAM the restore creates.
+    let mut v = valid();
+    v["memory"]["regions"][0]["gpa"] = (4u64 << 30).into();
+    refused(&v, "memory.regions [");
+    // Format 2 needs the field.
+    let mut v = valid();
+    v["memory"].as_object_mut().unwrap().remove("regions");
+    refused(&v, "memory.regions is empty");
+}
+
+/// A format 1 manifest (before RAM regions: the memory file is guest RAM `[0, mem_size)`)
+/// is read as the format 2 manifest it implies; one that carries format 2's field is
+/// refused; another version is refused naming both.
+#[test]
+fn a_format_1_manifest_reads_as_one_region_at_offset_0() {
+    let mut v = valid();
+    v["format"] = 1.into();
+    v["memory"].as_object_mut().unwrap().remove("regions");
+    let m = parse(&v).expect("format 1");
+    assert_eq!(m.format, vmm::snapshot::format::FORMAT_VERSION);
+    assert_eq!(
+        m.memory.regions,
+        [vmm::snapshot::format::MemoryRegion {
+            gpa: 0,
+            size: MEM,
+            file_offset: 0
+        }]
+    );
+    let again = Manifest::from_json(&serde_json::to_vec(&m).unwrap()).expect("round trip");
+    assert_eq!(again.memory, m.memory);
+    let mut v = valid();
+    v["format"] = 1.into();
+    refused(&v, "memory.regions in a format 1 manifest");
+    let mut v = valid();
+    v["format"] = 3.into();
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(
+        e.contains("format version 3, this apfvm reads versions 1 to 2"),
+        "{e}"
+    );
+}

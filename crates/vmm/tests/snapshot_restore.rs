@@ -15,6 +15,7 @@ use guest_abi::WORKLOAD_GPA;
 use testkit::fixture::{
     Guest, MEM, TIMEOUT, assert_every_token_answered, assert_passed, copy_dir, restore_ok,
 };
+use vmm::snapshot::format::FORMAT_VERSION;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{ApfMode, ApfPath, RestoreOptions, RunOptions, RunReport, SnapshotPlan, VmmError};
 
@@ -220,7 +221,7 @@ fn corrupted_snapshots_are_refused_or_stop_the_vm_naming_the_page() {
     let text = std::fs::read_to_string(good.join("manifest.json")).unwrap();
     std::fs::write(
         bad.join("manifest.json"),
-        text.replacen("\"format\":1", "\"format\":99", 1),
+        text.replacen(&format!("\"format\":{FORMAT_VERSION}"), "\"format\":99", 1),
     )
     .unwrap();
     let msg = restore(&options(&bad, false, true, "0"))
@@ -233,6 +234,46 @@ fn corrupted_snapshots_are_refused_or_stop_the_vm_naming_the_page() {
     assert!(restore(&options(&dir.join("good.tmp-1-0"), false, true, "0")).is_err());
     // The good one still restores.
     assert_passed(&restore_ok(&options(&good, false, true, "0")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A format 1 snapshot (what apfvm wrote before RAM regions: no `memory.regions`, the file
+/// is guest RAM `[0, mem_size)`) still restores, eagerly and lazily, and a snapshot taken of
+/// it is written in the current format.
+#[test]
+fn a_format_1_snapshot_still_restores() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let dir = scratch("format1");
+    let v2 = dir.join("v2");
+    // Three passes: the restored scan asks for a snapshot again after its second.
+    take_snapshot(ApfMode::V2, 3, &v2);
+    let v1 = dir.join("v1");
+    copy_snapshot(&v2, &v1);
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(v1.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["memory"]["regions"].as_array().map(Vec::len), Some(1));
+    m["format"] = 1.into();
+    m["memory"].as_object_mut().unwrap().remove("regions");
+    std::fs::write(v1.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    assert_passed(&restore_ok(&options(&v1, false, true, "0")));
+    let r = restore_ok(&options(&v1, true, true, "1ms"));
+    assert_passed(&r);
+    assert!(r.apf.engine.injected > 0, "{:?}", r.apf.engine);
+    let mut again = options(&v1, false, true, "0");
+    let v1_again = dir.join("v1-again");
+    again.snapshot = Some(SnapshotPlan {
+        out: v1_again.clone(),
+        on_guest_request: true,
+        ..SnapshotPlan::default()
+    });
+    restore_ok(&again);
+    let text = std::fs::read_to_string(v1_again.join("manifest.json")).unwrap();
+    assert!(
+        text.contains(&format!("\"format\":{FORMAT_VERSION}")),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -249,7 +290,8 @@ fn snapshot_at_a_time_and_refusal_to_overwrite() {
         "compute:2",
         WorkloadParams {
             vcpus: 2,
-            ram_end: MEM,
+            mem_size: MEM,
+            scan_at: None,
             scan_bytes: None,
             scan_passes: 1,
             compute_ms: 400,

@@ -116,7 +116,8 @@ impl Setup {
             &self.workload(),
             WorkloadParams {
                 vcpus: self.vcpus,
-                ram_end: self.mem_size,
+                mem_size: self.mem_size,
+                scan_at: None,
                 scan_bytes: Some(self.scan_bytes()),
                 scan_passes: 2,
                 compute_ms: 0,

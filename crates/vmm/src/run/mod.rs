@@ -31,7 +31,7 @@ use crate::kick::{self, Kicker};
 use crate::kvm::cpuid;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::Vm;
-use crate::lazy::{LazyMemory, LazyPlan};
+use crate::lazy::{ClonePlan, LazyMemory, LazyPlan};
 use crate::machine::Machine;
 use crate::report::{self, RunReport, SnapshotReport};
 use observer::RunObserver;
@@ -85,6 +85,8 @@ pub enum Memory {
     Resident,
     /// Part of RAM arrives on demand.
     Lazy(LazyPlan),
+    /// Part of RAM arrives on demand into the page cache this clone shares with others.
+    Clone(ClonePlan),
 }
 
 /// The APF driver for this machine (the MSRs of a restored guest loaded) and what every
@@ -101,7 +103,8 @@ fn shared_state(
     let mut engine = EngineConfig::new(
         PvFeatures(cpuid::pv_features(cfg.apf)),
         vcpus,
-        RamMap::single(0..vm.ram().size()),
+        // The RAM regions: an APF area in the MMIO hole or past the end is #GP.
+        RamMap::new(vm.ram().regions().iter().cloned()),
     );
     if let Some(limit) = opts.apf.max_outstanding {
         engine.max_outstanding_per_vcpu = limit.max(1);
@@ -112,7 +115,8 @@ fn shared_state(
             faults_to_apf: opts.apf.faults_to_apf,
             lazy: match memory {
                 Memory::Resident => Vec::new(),
-                Memory::Lazy(plan) => vec![plan.range.clone()],
+                Memory::Lazy(plan) => plan.ranges.clone(),
+                Memory::Clone(plan) => plan.lazy.ranges.clone(),
             },
             policy: opts.apf.policy,
         },
@@ -186,6 +190,11 @@ impl Session {
         let lazy = match memory {
             Memory::Resident => None,
             Memory::Lazy(plan) => Some(LazyMemory::start(
+                plan,
+                vm.ram(),
+                Arc::clone(&shared) as Arc<dyn PagerObserver>,
+            )?),
+            Memory::Clone(plan) => Some(LazyMemory::attach(
                 plan,
                 vm.ram(),
                 Arc::clone(&shared) as Arc<dyn PagerObserver>,

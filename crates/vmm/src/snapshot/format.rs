@@ -3,18 +3,20 @@
 //! ```text
 //! DIR/manifest.json   versioned JSON (serde): format, config, per-vCPU and VM state, the
 //!                     apf-host engine's saved MSRs, and one CRC-32 per memory chunk
-//! DIR/memory.raw      guest RAM [0, mem_size), raw, byte for byte
+//! DIR/memory.raw      guest RAM region by region, back to back (the MMIO hole is not
+//!                     stored), raw: see [`super::memory_file`]
 //! ```
 //!
 //! Written atomically ([`super::write::write_atomically`]); a leftover `*.tmp-*` is never
 //! read. [`Snapshot::open`] refuses anything it cannot vouch for: missing
 //! or unparsable manifest, another magic or format version, a memory file of the wrong size,
-//! a chunk table that does not cover the memory. Chunk contents are checked when read
+//! a chunk table that does not cover the memory, regions that are not the guest's RAM.
+//! A format 1 manifest (one region `[0, mem_size)`, no `regions` field) is read as the
+//! format 2 manifest it implies. Chunk contents are checked when read
 //! (eager restore: all before the guest starts; lazy restore: each chunk before its first page
 //! is served).
 
-use std::fs::{self, File};
-use std::io::Read;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use apf_host::SavedState;
@@ -24,10 +26,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ApfMode, HaltMode};
 
+pub use super::memory_file::{ChunkHasher, MemoryInfo, MemoryRegion};
+
 /// `manifest.json`'s `magic`.
 pub const MAGIC: &str = "apfvm-snapshot";
-/// The format this build writes and the only one it reads. Bump on any change.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes. Bump on any change. 2: the memory file holds RAM regions
+/// back to back (`memory.regions`), so guests above the MMIO hole can be saved.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads: 1, a memory file of `[0, mem_size)`.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Bytes covered by one checksum: 64 KiB (16 pages), small enough that a lazy restore
 /// verifies little more than the page it serves.
 pub const CHUNK_SIZE: u64 = 64 << 10;
@@ -56,7 +63,9 @@ pub enum SnapshotError {
         why: String,
     },
     /// A format this build does not read.
-    #[error("{path}: snapshot format version {found}, this apfvm reads version {FORMAT_VERSION}")]
+    #[error(
+        "{path}: snapshot format version {found}, this apfvm reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     Version {
         /// The manifest.
         path: PathBuf,
@@ -80,26 +89,6 @@ pub enum SnapshotError {
     Interrupted {
         /// The snapshot directory that was not written.
         path: PathBuf,
-    },
-    /// A memory chunk does not match its checksum.
-    #[error(
-        "{path}: memory chunk {chunk} (guest-physical {start:#x}..{end:#x}, pages {first_page:#x}..) fails its checksum: crc32 {found:#010x}, manifest {expected:#010x}"
-    )]
-    Checksum {
-        /// The memory file.
-        path: PathBuf,
-        /// Chunk index.
-        chunk: usize,
-        /// First guest-physical byte of the chunk.
-        start: u64,
-        /// End of the chunk.
-        end: u64,
-        /// First guest page frame number of the chunk.
-        first_page: u64,
-        /// CRC computed.
-        found: u32,
-        /// CRC in the manifest.
-        expected: u32,
     },
 }
 
@@ -215,19 +204,6 @@ pub struct SavedVmState {
     pub irqchips: Vec<kvm_irqchip>,
 }
 
-/// The memory file's description.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemoryInfo {
-    /// File name inside the snapshot directory.
-    pub file: String,
-    /// Bytes (= RAM size).
-    pub size: u64,
-    /// Bytes per checksum.
-    pub chunk_size: u64,
-    /// CRC-32 (IEEE, crc32fast) of each chunk, in address order.
-    pub crc32: Vec<u32>,
-}
-
 /// `manifest.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -272,20 +248,34 @@ impl Manifest {
             .get("format")
             .and_then(serde_json::Value::as_u64)
             .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX));
-        if found != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(SnapshotError::Version {
                 path: path.to_path_buf(),
                 found,
             });
         }
         check_state_sizes(&value).map_err(bad)?;
-        let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let mut manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        if found == 1 {
+            // Format 1: guest RAM [0, mem_size) is the whole file; read as format 2.
+            if !manifest.memory.regions.is_empty() {
+                return Err(bad(
+                    "memory.regions in a format 1 manifest (a format 2 field)".into(),
+                ));
+            }
+            manifest.memory.regions = vec![MemoryRegion {
+                gpa: 0,
+                size: manifest.memory.size,
+                file_offset: 0,
+            }];
+            manifest.format = FORMAT_VERSION;
+        }
         manifest.check().map_err(bad)?;
         Ok(manifest)
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {
-        let m = &self.memory;
         if self.config.vcpus == 0 || self.vcpus.len() != self.config.vcpus as usize {
             return Err(format!(
                 "{} vCPU states for {} vCPUs",
@@ -309,37 +299,7 @@ impl Manifest {
                 s.index
             ));
         }
-        if m.size != self.config.mem_size {
-            return Err(format!(
-                "memory size {} differs from the configured {}",
-                m.size, self.config.mem_size
-            ));
-        }
-        if m.chunk_size == 0 || !m.chunk_size.is_multiple_of(4096) {
-            return Err(format!(
-                "chunk size {} is not a multiple of 4096",
-                m.chunk_size
-            ));
-        }
-        // Restore reads the memory one chunk-sized buffer at a time: a chunk of 1 TiB (with the
-        // one checksum it then needs) aborted it on the allocation.
-        if m.chunk_size > m.size.max(4096) {
-            return Err(format!(
-                "chunk size {} is larger than the memory ({} bytes)",
-                m.chunk_size, m.size
-            ));
-        }
-        if m.crc32.len() as u64 != m.size.div_ceil(m.chunk_size) {
-            return Err(format!(
-                "{} chunk checksums for {} bytes in chunks of {}",
-                m.crc32.len(),
-                m.size,
-                m.chunk_size
-            ));
-        }
-        if m.file.contains('/') || m.file.is_empty() {
-            return Err(format!("memory file name {:?}", m.file));
-        }
+        self.memory.check(self.config.mem_size)?;
         if !matches!(self.vm.irqchips.len(), 0 | 3) {
             return Err(format!(
                 "{} irqchip states: none (split irqchip) or PIC master, PIC slave and IOAPIC",
@@ -463,142 +423,5 @@ impl Snapshot {
     /// The memory file.
     pub fn memory_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.memory.file)
-    }
-
-    /// Checks chunk `chunk` whose bytes are `data` against the manifest.
-    pub fn verify_chunk(&self, chunk: usize, data: &[u8]) -> Result<(), SnapshotError> {
-        let m = &self.manifest.memory;
-        let expected = m.crc32.get(chunk).copied().unwrap_or(0);
-        let found = crc32fast::hash(data);
-        if found == expected {
-            return Ok(());
-        }
-        let start = chunk as u64 * m.chunk_size;
-        Err(SnapshotError::Checksum {
-            path: self.memory_path(),
-            chunk,
-            start,
-            end: start + data.len() as u64,
-            first_page: start >> 12,
-            found,
-            expected,
-        })
-    }
-
-    /// Reads and verifies the chunk starting at guest-physical `start`.
-    pub fn read_chunk(&self, start: u64) -> Result<Vec<u8>, SnapshotError> {
-        use std::os::unix::fs::FileExt;
-        let path = self.memory_path();
-        let m = &self.manifest.memory;
-        let len = usize::try_from(m.chunk_size.min(m.size.saturating_sub(start))).unwrap_or(0);
-        let mut buf = vec![0u8; len];
-        let f = File::open(&path).map_err(io(&path))?;
-        f.read_exact_at(&mut buf, start).map_err(io(&path))?;
-        self.verify_chunk(
-            usize::try_from(start / m.chunk_size).unwrap_or(usize::MAX),
-            &buf,
-        )?;
-        Ok(buf)
-    }
-
-    /// Reads `[start, end)` of the memory file (`start` chunk aligned), verifying every
-    /// chunk, calling `sink(offset, bytes)` for each verified chunk in order (eager restore).
-    pub fn read_memory(
-        &self,
-        start: u64,
-        end: u64,
-        mut sink: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
-    ) -> Result<(), SnapshotError> {
-        use std::io::{Seek, SeekFrom};
-        let path = self.memory_path();
-        let mut f = File::open(&path).map_err(io(&path))?;
-        let m = &self.manifest.memory;
-        let end = end.min(m.size);
-        debug_assert!(start.is_multiple_of(m.chunk_size));
-        f.seek(SeekFrom::Start(start)).map_err(io(&path))?;
-        let chunk_len = usize::try_from(m.chunk_size).unwrap_or(usize::MAX);
-        // Read in batches of chunks (up to 2 MiB) to keep syscalls few.
-        let per_batch = (2 << 20) / chunk_len.max(1);
-        let mut buf = vec![0u8; chunk_len * per_batch.max(1)];
-        let mut offset = start;
-        let mut chunk = usize::try_from(start / m.chunk_size).unwrap_or(0);
-        while offset < end {
-            let want = usize::try_from((end - offset).min(buf.len() as u64)).unwrap_or(0);
-            f.read_exact(&mut buf[..want]).map_err(io(&path))?;
-            for piece in buf[..want].chunks(chunk_len) {
-                self.verify_chunk(chunk, piece)?;
-                sink(offset, piece)?;
-                offset += piece.len() as u64;
-                chunk += 1;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Computes the chunk checksums of a memory image being written, chunk by chunk.
-#[derive(Debug)]
-pub struct ChunkHasher {
-    chunk_size: u64,
-    crcs: Vec<u32>,
-    current: crc32fast::Hasher,
-    filled: u64,
-}
-
-impl ChunkHasher {
-    /// A hasher for chunks of `chunk_size` bytes.
-    pub fn new(chunk_size: u64) -> ChunkHasher {
-        ChunkHasher {
-            chunk_size,
-            crcs: Vec::new(),
-            current: crc32fast::Hasher::new(),
-            filled: 0,
-        }
-    }
-
-    /// Feeds the next bytes.
-    pub fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let room = usize::try_from(self.chunk_size - self.filled).unwrap_or(usize::MAX);
-            let n = room.min(data.len());
-            self.current.update(&data[..n]);
-            self.filled += n as u64;
-            data = &data[n..];
-            if self.filled == self.chunk_size {
-                let h = std::mem::replace(&mut self.current, crc32fast::Hasher::new());
-                self.crcs.push(h.finalize());
-                self.filled = 0;
-            }
-        }
-    }
-
-    /// The checksums, the last (partial) chunk included.
-    pub fn finish(mut self) -> Vec<u32> {
-        if self.filled > 0 {
-            self.crcs.push(self.current.finalize());
-        }
-        self.crcs
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_hasher_matches_per_chunk_crcs() {
-        let data: Vec<u8> = (0..(3 * CHUNK_SIZE + 100))
-            .map(|i| (i % 251) as u8)
-            .collect();
-        let mut h = ChunkHasher::new(CHUNK_SIZE);
-        for piece in data.chunks(7777) {
-            h.update(piece);
-        }
-        let crcs = h.finish();
-        let expected: Vec<u32> = data
-            .chunks(usize::try_from(CHUNK_SIZE).unwrap())
-            .map(crc32fast::hash)
-            .collect();
-        assert_eq!(crcs, expected);
     }
 }
