@@ -5,7 +5,7 @@
 //!   ─► EmptyMachine::create (the VM as at boot, RAM mapped)
 //!   ─► eager memory loaded (all of it, or the low region of a lazy restore), before the
 //!      vCPUs exist: later host writes cost the guest shadow-MMU faults on our hosts
-//!   ─► EmptyMachine::load_state (irqchip and vCPU state, APF MSRs for the driver)
+//!   ─► EmptyMachine::load_state (vCPU state, APF MSRs for the driver)
 //!   ─► run(machine, Memory::Resident | Memory::Lazy(rest of each RAM region), options,
 //!          observer)
 //! ```

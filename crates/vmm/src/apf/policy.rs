@@ -53,6 +53,8 @@ impl Average {
 const PROBE_PERIOD: u64 = 16;
 /// Injections sampled before the period applies.
 const FIRST_PROBES: u64 = 8;
+/// Waits in a row after which one fault is an APF again, to measure the cycle anew.
+pub const EXPLORE_PERIOD: u32 = 32;
 
 /// The measured costs of one vCPU.
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,6 +71,8 @@ struct VcpuCosts {
     ready_out: Option<Instant>,
     injections: u64,
     readies: u64,
+    /// Waits chosen since its last APF.
+    waits: u32,
 }
 
 impl VcpuCosts {
@@ -115,20 +119,26 @@ impl Policy {
     }
 
     /// vCPU `vcpu` faulted on a page whose fetch has been in flight for `age`: APF or wait?
-    pub fn choose(&self, vcpu: usize, age: Duration) -> Choice {
+    ///
+    /// After [`EXPLORE_PERIOD`] waits in a row the vCPU takes one APF anyway: a cycle cost
+    /// measured too high (one slow sample) would otherwise never be measured again.
+    pub fn choose(&mut self, vcpu: usize, age: Duration) -> Choice {
         if self.mode == ApfPolicy::Always {
             return Choice::Apf;
         }
-        let (Some(fetch), Some(cycle)) = (
-            self.fetch.get(),
-            self.vcpus.get(vcpu).and_then(VcpuCosts::cycle),
-        ) else {
+        let fetch = self.fetch.get();
+        let Some(v) = self.vcpus.get_mut(vcpu) else {
+            return Choice::Apf;
+        };
+        let (Some(fetch), Some(cycle)) = (fetch, v.cycle()) else {
             return Choice::Apf;
         };
         let remaining = fetch.saturating_sub(age);
-        if remaining > cycle {
+        if remaining > cycle || v.waits >= EXPLORE_PERIOD {
+            v.waits = 0;
             Choice::Apf
         } else {
+            v.waits += 1;
             Choice::Wait { remaining, cycle }
         }
     }
@@ -275,7 +285,7 @@ mod tests {
 
     #[test]
     fn without_measurements_every_fault_is_an_apf() {
-        let p = Policy::new(ApfPolicy::Adaptive, 1);
+        let mut p = Policy::new(ApfPolicy::Adaptive, 1);
         assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
         let (mut p, _) = measured(ApfPolicy::Adaptive);
         // The cycle is known, the fetch time not yet.
@@ -329,6 +339,25 @@ mod tests {
         assert!(!p.injected(0, t, t + us(5)));
         assert!(!p.ready_out(0, t + us(10)));
         assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+    }
+
+    #[test]
+    fn after_a_run_of_waits_one_apf_measures_the_cycle_again() {
+        let (mut p, _) = measured(ApfPolicy::Adaptive);
+        p.fetched(us(30));
+        let choices: Vec<Choice> = (0..=EXPLORE_PERIOD)
+            .map(|_| p.choose(0, Duration::ZERO))
+            .collect();
+        assert!(
+            choices[..EXPLORE_PERIOD as usize]
+                .iter()
+                .all(|c| matches!(c, Choice::Wait { .. }))
+        );
+        assert_eq!(choices[EXPLORE_PERIOD as usize], Choice::Apf);
+        assert!(
+            matches!(p.choose(0, Duration::ZERO), Choice::Wait { .. }),
+            "then waits again"
+        );
     }
 
     #[test]
