@@ -103,7 +103,7 @@ fn fallbacks(r: &Row) -> String {
     let per_run = |n: u64| n as f64 / r.repeats.max(1) as f64;
     r.sync_fallbacks_by_reason
         .iter()
-        .map(|(k, n)| format!("{k} {}", per_run(*n)))
+        .map(|(k, n)| format!("{} {:.1}", k.name(), per_run(*n)))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -55,6 +55,8 @@ const PROBE_PERIOD: u64 = 16;
 const FIRST_PROBES: u64 = 8;
 /// Waits in a row after which one fault is an APF again, to measure the cycle anew.
 pub const EXPLORE_PERIOD: u32 = 32;
+/// The longest run of waits between two such probes.
+pub const EXPLORE_MAX: u32 = 4096;
 
 /// The measured costs of one vCPU.
 #[derive(Clone, Copy, Debug, Default)]
@@ -73,6 +75,8 @@ struct VcpuCosts {
     readies: u64,
     /// Waits chosen since its last APF.
     waits: u32,
+    /// Waits in a row before the next probe (0: [`EXPLORE_PERIOD`]).
+    explore_after: u32,
 }
 
 impl VcpuCosts {
@@ -121,7 +125,10 @@ impl Policy {
     /// vCPU `vcpu` faulted on a page whose fetch has been in flight for `age`: APF or wait?
     ///
     /// After [`EXPLORE_PERIOD`] waits in a row the vCPU takes one APF anyway: a cycle cost
-    /// measured too high (one slow sample) would otherwise never be measured again.
+    /// measured too high (one slow sample) would otherwise never be measured again. Each
+    /// such probe doubles the run of waits before the next (up to [`EXPLORE_MAX`]), so
+    /// that where waiting is right the probes cost next to nothing; an APF the policy
+    /// chooses itself starts over.
     pub fn choose(&mut self, vcpu: usize, age: Duration) -> Choice {
         if self.mode == ApfPolicy::Always {
             return Choice::Apf;
@@ -134,8 +141,13 @@ impl Policy {
             return Choice::Apf;
         };
         let remaining = fetch.saturating_sub(age);
-        if remaining > cycle || v.waits >= EXPLORE_PERIOD {
+        if remaining > cycle {
             v.waits = 0;
+            v.explore_after = EXPLORE_PERIOD;
+            Choice::Apf
+        } else if v.waits >= v.explore_after.max(EXPLORE_PERIOD) {
+            v.waits = 0;
+            v.explore_after = (v.explore_after.max(EXPLORE_PERIOD) * 2).min(EXPLORE_MAX);
             Choice::Apf
         } else {
             v.waits += 1;
@@ -354,10 +366,26 @@ mod tests {
                 .all(|c| matches!(c, Choice::Wait { .. }))
         );
         assert_eq!(choices[EXPLORE_PERIOD as usize], Choice::Apf);
+        // Then twice as many waits before the next probe.
+        let next: Vec<Choice> = (0..=2 * EXPLORE_PERIOD)
+            .map(|_| p.choose(0, Duration::ZERO))
+            .collect();
         assert!(
-            matches!(p.choose(0, Duration::ZERO), Choice::Wait { .. }),
-            "then waits again"
+            next[..2 * EXPLORE_PERIOD as usize]
+                .iter()
+                .all(|c| matches!(c, Choice::Wait { .. }))
         );
+        assert_eq!(next[2 * EXPLORE_PERIOD as usize], Choice::Apf);
+        // A slower source: the policy's own APF starts the runs over.
+        p.fetched(us(100_000));
+        assert_eq!(p.choose(0, Duration::ZERO), Choice::Apf);
+        for _ in 0..40 {
+            p.fetched(us(30));
+        }
+        let again: Vec<Choice> = (0..=EXPLORE_PERIOD)
+            .map(|_| p.choose(0, Duration::ZERO))
+            .collect();
+        assert_eq!(again[EXPLORE_PERIOD as usize], Choice::Apf);
     }
 
     #[test]

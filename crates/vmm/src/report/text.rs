@@ -210,6 +210,28 @@ impl RunReport {
                 d.ready_kicks,
                 d.entries
             );
+            let _ = writeln!(
+                s,
+                "   apf: page-readies from the pager thread {}, at interrupt windows {}; waits for a window {}, for the retry timer {}",
+                d.direct_readies, d.window_deliveries, d.window_waits, d.retry_waits
+            );
+            let policy = &self.apf.policy;
+            let us = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
+            for (i, c) in policy.vcpus.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "   apf policy {}: vCPU {i}: fetch {} µs; APF cycle {} µs = inject {} + handler {} + ready {}",
+                    match policy.mode {
+                        crate::apf::ApfPolicy::Always => "always",
+                        crate::apf::ApfPolicy::Adaptive => "adaptive",
+                    },
+                    us(policy.fetch_us),
+                    us(c.cycle_us),
+                    us(c.inject_us),
+                    us(c.handler_us),
+                    us(c.ready_us)
+                );
+            }
             let l = &self.apf.latency;
             let _ = writeln!(
                 s,
