@@ -376,9 +376,11 @@ pub struct DemoArgs {
 /// `apfvm bench` options.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-Full sweep: fetch latency 0, 100us, 1ms, 5ms × tasks per vCPU 1, 2, 4, 8 × vCPUs 1, 2 ×
-modes, 3 repeats (a few minutes). --quick: latency 0 and 1ms × 1 and 4 tasks × 1 vCPU, one
-repeat, a 150 ms window (CI). The JSON has metadata and a \"runs\" array, one element per
+Full sweep: fetch latency 0, 100us, 1ms, 2ms, 5ms × vCPUs 1, 2 × two workloads (mixed: one
+scan per vCPU and tasks per vCPU 1, 2, 4, 8, the others computing; concurrent: 4 tasks per
+vCPU, every one scanning) × modes, 3 repeats (tens of minutes). --quick: latency 0 and 1ms ×
+1 vCPU × mixed with 1 and 4 tasks and concurrent, one repeat, a 150 ms window (CI). For
+file and NBD at every latency: --sources-latencies 0,100us,1ms,2ms,5ms. The JSON has metadata and a \"runs\" array, one element per
 point (medians, min/max, every repeat). --plot draws compute work against fetch latency,
 one line per mode, for 1 vCPU and 4 tasks per vCPU (memory file, no prefetch).
 
