@@ -2,7 +2,7 @@
 //! v2 page-ready interrupt, on top of `apf-guest`'s sleeper table.
 
 use core::cell::UnsafeCell;
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use apf_abi::cpuid::{FEATURES_LEAF, SIGNATURE_LEAF, signature_regs};
@@ -141,9 +141,11 @@ pub fn features() -> Option<PvFeatures> {
     Some(PvFeatures(cpuid(FEATURES_LEAF).0))
 }
 
-/// Enables the protocol the host offers on this vCPU (the LAPIC must be enabled first).
+/// Enables the protocol the host offers on this vCPU (the LAPIC must be enabled first), on
+/// its own area.
 pub fn enable(c: &mut Cpu) {
-    let area = addr_of!(c.area) as u64;
+    c.area_at = addr_of_mut!(c.area);
+    let area = c.area_at as u64;
     let cc = cpu_counters(c.id);
     match features().and_then(PvFeatures::host_mode) {
         None => c.version = 0,
@@ -167,7 +169,8 @@ pub fn enable(c: &mut Cpu) {
 /// #PF (vector 14). Returns whether to reschedule.
 pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
     // Read the reason first and reset it, before anything that could fault (§2).
-    let reason_ptr = addr_of_mut!(c.area.reason);
+    // SAFETY: only a field address is taken; `area_at` is this vCPU's area, set at boot.
+    let reason_ptr = unsafe { addr_of_mut!((*c.area_at).reason) };
     // SAFETY: this vCPU's area, written by the host between our reads.
     let reason_word = unsafe { read_volatile(reason_ptr) };
     if reason_word != 0 {
@@ -238,7 +241,8 @@ pub fn page_fault(c: &mut Cpu, fr: &mut Frame) -> bool {
 
 /// The v2 page-ready interrupt. Returns whether to reschedule.
 pub fn page_ready_irq(c: &mut Cpu) -> bool {
-    let token_ptr = addr_of_mut!(c.area.token);
+    // SAFETY: as in `page_fault`.
+    let token_ptr = unsafe { addr_of_mut!((*c.area_at).token) };
     // SAFETY: this vCPU's area.
     let slot = unsafe { read_volatile(token_ptr) };
     // SAFETY: as above: free the slot, then ACK so the host delivers the next one (§3).

@@ -4,7 +4,9 @@
 //! recoverable #GP, as in the MSR self-test; tricks with the vCPU's area), and checks the
 //! host's answers. Each check is printed (`hostile: <case>: <check> ok|FAIL`); the task's
 //! exit code is the number of failed checks. Every case ends with APF enabled again as at
-//! boot (own area, `_INT` = 0xf3), so the guest's other tasks finish normally.
+//! boot (own area, `_INT` = 0xf3), so the guest's other tasks finish normally; except
+//! `area-in-lazy-memory`, which ends with APF enabled on the area it moved to (one hostile
+//! task per vCPU, each moving its own vCPU's area).
 //!
 //! The cases `same-page` and `flood` are workload shapes (many scan tasks), built by the
 //! VMM; a hostile task given one of them only prints that.
@@ -24,6 +26,10 @@ use crate::x86::{rdtsc, wrmsr};
 
 /// `hostile(op, arg)`: the kernel side of a hostile case (RAX = this, RDI = op, RSI = arg).
 pub const SYS_HOSTILE: u64 = 5;
+
+mod lazy_area;
+
+pub use lazy_area::wait_for_moved_areas;
 
 /// The operations of [`SYS_HOSTILE`].
 mod op {
@@ -45,6 +51,11 @@ mod op {
     pub const INT: u64 = 3;
     /// `_ACK` = arg. Returns 1 on #GP.
     pub const ACK: u64 = 4;
+    /// Moves this vCPU's area to arg (in RAM, 64-byte aligned): zeroes the 64 bytes there,
+    /// `_EN` = arg | the boot-time flags and, if that took no #GP, the #PF and page-ready
+    /// handlers read the new area from then on. Counted, for the scans that wait for every
+    /// vCPU's move. Returns 1 on #GP.
+    pub const MOVE_AREA: u64 = 16;
     /// Reads the area's word arg (0 reason/flags, 1 token).
     pub const AREA_READ: u64 = 5;
     /// Writes `arg as u32` to area word `arg >> 32`.
@@ -104,13 +115,15 @@ fn try_rdmsr(c: *mut Cpu, msr: u32) -> u64 {
     u64::from(hi) << 32 | u64::from(lo)
 }
 
+/// A word of the area vCPU `c`'s `_EN` names now.
 fn area_word(c: *mut Cpu, word: u64) -> *mut u32 {
-    // SAFETY: only field addresses are taken.
+    // SAFETY: only field addresses are taken; `area_at` points at an area in RAM.
     unsafe {
+        let area = (*c).area_at;
         if word == 0 {
-            addr_of_mut!((*c).area.reason)
+            addr_of_mut!((*area).reason)
         } else {
-            addr_of_mut!((*c).area.token)
+            addr_of_mut!((*area).token)
         }
     }
 }
@@ -180,7 +193,8 @@ pub fn syscall(c: &mut Cpu, o: u64, arg: u64) -> u64 {
         op::RDMSR_EN => try_rdmsr(c, MSR_KVM_ASYNC_PF_EN),
         // SAFETY: as above.
         op::CPU => u64::from(unsafe { (*c).id }),
-        op::AREA => area,
+        // SAFETY: this vCPU's state.
+        op::AREA => (unsafe { (*c).area_at }) as u64,
         op::AREA_FILL => {
             #[allow(clippy::cast_possible_truncation)] // the low 32 bits are the value
             // SAFETY: this vCPU's area.
@@ -190,6 +204,7 @@ pub fn syscall(c: &mut Cpu, o: u64, arg: u64) -> u64 {
             };
             0
         }
+        op::MOVE_AREA => lazy_area::move_area(c, arg),
         op::INT_CHANGE => {
             // The token slot busy first, so the wake-all the re-enable queues stays pending
             // (a free slot would let the VMM raise it at the `wrmsr` exit, on the old
@@ -496,6 +511,7 @@ pub fn task(_t: u32, spec: &TaskSpec) -> u32 {
                 c.gp("int-not-offered-gp", op::INT, u64::from(VEC_APF), true);
             }
         }
+        "area-in-lazy-memory" => lazy_area::case(&mut c, cpu, f, ram),
         "same-page" | "flood" => {
             c.check("a-workload-shape-see-the-scan-tasks", true);
         }

@@ -75,6 +75,9 @@ pub struct Cpu {
     /// This structure's own address, at [`THIS_OFFSET`]: the trap path finds it at
     /// `gs:[THIS_OFFSET]` (GS base = this structure, set at boot).
     pub this: *mut Cpu,
+    /// The area `_EN` names now: [`Cpu::area`] from boot; `hostile:area-in-lazy-memory`
+    /// moves it elsewhere in RAM. The #PF and page-ready handlers read this one.
+    pub area_at: *mut ApfArea,
     /// vCPU index (= LAPIC id).
     pub id: u32,
     /// Running task index, or [`IDLE`].
@@ -112,6 +115,7 @@ impl Cpu {
                 pad: [0; 14],
             },
             this: core::ptr::null_mut(),
+            area_at: core::ptr::null_mut(),
             id: 0,
             current: IDLE,
             idle_frame: core::ptr::null_mut(),
@@ -157,7 +161,10 @@ pub fn this_cpu() -> *mut Cpu {
 /// `c` is this vCPU's own `Cpu`.
 pub unsafe fn set_gs_base(c: *mut Cpu) {
     // SAFETY: caller's guarantee; only this vCPU uses it.
-    unsafe { (*c).this = c };
+    unsafe {
+        (*c).this = c;
+        (*c).area_at = addr_of_mut!((*c).area);
+    }
     // SAFETY: a null GS selector is valid in 64-bit mode; no Rust code uses GS.
     unsafe { core::arch::asm!("mov gs, {0:x}", in(reg) 0u16, options(nostack, preserves_flags)) };
     crate::x86::wrmsr(0xc000_0101, c as u64); // IA32_GS_BASE

@@ -8,8 +8,8 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::Ordering;
 
 use guest_abi::{
-    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, COMPUTE_HOLD_GPA, SCAN_FILL, SCAN_SNAPSHOT, TaskKind,
-    TaskSpec, checksum_mix, expected_fill_checksum, fill_word, task_state,
+    BOOT_INFO_GPA, BootInfo, CHECKSUM_SEED, COMPUTE_HOLD_GPA, SCAN_AFTER_AREAS_MOVED, SCAN_FILL,
+    SCAN_SNAPSHOT, TaskKind, TaskSpec, checksum_mix, expected_fill_checksum, fill_word, task_state,
 };
 
 use crate::sched::{NONCOMPUTE_LEFT, sys, task_counters};
@@ -159,6 +159,9 @@ fn scan(t: u32, spec: &TaskSpec) -> u32 {
     let fill = spec.flags & SCAN_FILL != 0;
     let snapshot = spec.flags & SCAN_SNAPSHOT != 0;
     let pages = len / PAGE;
+    if spec.flags & SCAN_AFTER_AREAS_MOVED != 0 {
+        crate::hostile::wait_for_moved_areas(spec.cpu);
+    }
     let mut work = 0u64;
     let mut first = CHECKSUM_SEED;
     let mut last = CHECKSUM_SEED;

@@ -2,8 +2,10 @@
 //! or wraps (2); SIGUSR1 is caught before anything slow (5); a bad checksum verdict is not a
 //! success (4); reports never go into a snapshot, and an unwritable one fails before the
 //! guest runs (8); every bad argument exits 125 and names the argument, `--workload`'s help
-//! names every kind and hostile case (9). Prints exactly `SKIPPED: no /dev/kvm` where KVM is
-//! absent (the tests that need no guest run anyway).
+//! names every kind and hostile case (9); a lazy restore of a guest whose APF area lies in
+//! lazy memory completes, and `--timeout` ends it when its memory never arrives (1). Prints
+//! exactly `SKIPPED: no /dev/kvm` where KVM is absent (the tests that need no guest run
+//! anyway).
 
 mod common;
 
@@ -273,6 +275,84 @@ fn a_bad_checksum_is_not_a_success() {
             "{stderr}"
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits for `child` at most `limit`: its output, or a panic naming `what` (the child is
+/// killed first).
+fn wait_at_most(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{what}: still running after {limit:?}: {:?}", texts(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Issue 14 item 1: a v2 snapshot whose `MSR_KVM_ASYNC_PF_EN` names an area above 16 MiB,
+/// restored with `--lazy --apf on`, deadlocked (the area read under the engine's lock
+/// faulted into the pager, which needed that lock), and `--timeout` did not end it. Now it
+/// exits 0; and with memory that never arrives, `--timeout` ends it (status 125) although
+/// the vCPU threads wait in the VMM's own read of their area.
+#[test]
+fn a_restore_with_the_apf_area_in_lazy_memory_completes_and_times_out() {
+    if !testkit::require_kvm() {
+        return;
+    }
+    let dir = scratch("area-in-lazy-memory");
+    let snap = dir.join("snap");
+    let out = apfvm()
+        .args(["snapshot", "--apf", "v2", "--vcpus", "2", "--mem", "64M"])
+        .args(["--workload", "hostile:area-in-lazy-memory", "--quiet"])
+        .args(["--timeout", "60"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", texts(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("manifest.json")).unwrap())
+            .unwrap();
+    for v in manifest["engine"]["vcpus"].as_array().unwrap() {
+        let en = v["async_pf_en"].as_u64().unwrap();
+        assert!(en & 1 == 1 && en & !0x3f >= 16 << 20, "{v}");
+    }
+    let restore = |latency: &str, timeout: &str| {
+        apfvm()
+            .arg("restore")
+            .arg(&snap)
+            .args(["--lazy", "--apf", "on", "--fetch-latency", latency])
+            .args(["--timeout", timeout])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = wait_at_most(restore("2ms", "60"), Duration::from_secs(90), "restore");
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches("hostile: area-in-lazy-memory: PASS").count(),
+        2,
+        "{stdout}"
+    );
+    let t0 = Instant::now();
+    let out = wait_at_most(
+        restore("10m", "1s"),
+        Duration::from_secs(30),
+        "restore whose memory never arrives, --timeout 1s",
+    );
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(125), "{stdout}{stderr}");
+    assert!(stderr.contains("did not exit within 1s"), "{stderr}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

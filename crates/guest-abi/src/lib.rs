@@ -112,7 +112,7 @@ pub enum TaskKind {
 
 /// The hostile-guest cases, by `TaskSpec::arg0` of a [`TaskKind::Hostile`] task
 /// (`apfvm run --workload hostile:<name>`; `docs/reliability.md`).
-pub const HOSTILE_CASES: [&str; 12] = [
+pub const HOSTILE_CASES: [&str; 13] = [
     "area-outside-ram",
     "area-straddles-ram-end",
     "area-mmio",
@@ -125,7 +125,27 @@ pub const HOSTILE_CASES: [&str; 12] = [
     "int-change",
     "same-page",
     "flood",
+    "area-in-lazy-memory",
 ];
+
+/// `hostile:area-in-lazy-memory`: each vCPU's APF area lies in its own block of this many
+/// bytes (the pager's 64 KiB fetch unit, so each arrives on its own) at the top of RAM.
+pub const LAZY_AREA_BLOCK: u64 = 64 << 10;
+/// Offset of the area in its block (64-byte aligned, not at the page's start).
+pub const LAZY_AREA_OFFSET: u64 = 0x80;
+
+/// `hostile:area-in-lazy-memory`: where vCPU `cpu` puts its APF area in a guest whose RAM
+/// ends at `ram_end` ([`BootInfo::ram_end`]): in block `cpu` counted down from there, in
+/// workload memory (which a lazy restore serves on demand). The VMM keeps the case's scans
+/// below [`lazy_area_floor`].
+pub const fn lazy_area_gpa(ram_end: u64, cpu: u32) -> u64 {
+    ram_end - (cpu as u64 + 1) * LAZY_AREA_BLOCK + LAZY_AREA_OFFSET
+}
+
+/// The lowest byte of the blocks [`lazy_area_gpa`] uses below `ram_end`, for any vCPU count.
+pub const fn lazy_area_floor(ram_end: u64) -> u64 {
+    ram_end.saturating_sub(MAX_CPUS as u64 * LAZY_AREA_BLOCK)
+}
 
 impl TaskKind {
     /// Decodes [`TaskSpec::kind`].
@@ -147,6 +167,11 @@ pub const SCAN_FILL: u32 = 1 << 0;
 /// The first request comes right after the fill pass; a guest restored from that snapshot
 /// then does its remaining checksum passes over memory that may arrive lazily.
 pub const SCAN_SNAPSHOT: u32 = 1 << 1;
+/// [`TaskSpec::flags`] for a scan: before its first pass, wait (yielding, at most 2 s) until
+/// every vCPU has moved its APF area (`hostile:area-in-lazy-memory`, where a timer tick may
+/// run the scan before its vCPU's hostile task), so that neither its faults nor its
+/// snapshot request come before. Nothing to wait for on a vCPU without APF.
+pub const SCAN_AFTER_AREAS_MOVED: u32 = 1 << 2;
 
 /// One task of the workload.
 #[derive(
@@ -469,6 +494,21 @@ mod tests {
         assert!(!bi.in_one_ram_region(u64::MAX - 4095, 8192));
         bi.ram_region_count = 99;
         assert!(bi.ram().is_empty());
+    }
+
+    #[test]
+    fn lazy_areas_lie_in_workload_memory_each_in_its_own_block() {
+        let ram = 64 << 20;
+        assert_eq!(lazy_area_gpa(ram, 0), ram - 0x1_0000 + 0x80);
+        for cpu in 0..u32::try_from(MAX_CPUS).unwrap() {
+            let a = lazy_area_gpa(ram, cpu);
+            assert!(a >= lazy_area_floor(ram) && a + 64 <= ram && a.is_multiple_of(64));
+            assert!(a >= WORKLOAD_GPA);
+            assert_eq!(
+                a / LAZY_AREA_BLOCK,
+                (ram / LAZY_AREA_BLOCK) - 1 - u64::from(cpu)
+            );
+        }
     }
 
     #[test]

@@ -7,10 +7,18 @@
 //! shapes: `same-page` = 16 scan tasks over the same region; `flood` = 40 scan tasks over
 //! distinct regions, more sleepers per vCPU than an outstanding limit lowered with
 //! `--apf-max-outstanding` (the guest has at most 48 tasks, the engine's default limit is 64).
+//! `area-in-lazy-memory` puts on every vCPU a compute task, a hostile task (which moves that
+//! vCPU's APF area into workload memory at the top of RAM, `guest_abi::lazy_area_gpa`) and a
+//! fill scan of its own region, below `guest_abi::lazy_area_floor`, that starts once every
+//! area has moved: a lazy restore of it serves the areas on demand while every vCPU has
+//! faults in flight.
 
 use std::ops::Range;
 
-use guest_abi::{HOSTILE_CASES, MAX_TASKS, SCAN_FILL, TaskKind, TaskSpec};
+use guest_abi::{
+    HOSTILE_CASES, MAX_TASKS, SCAN_AFTER_AREAS_MOVED, SCAN_FILL, TaskKind, TaskSpec,
+    lazy_area_floor,
+};
 
 use crate::error::{Result, VmmError};
 
@@ -92,6 +100,30 @@ pub fn tasks(
                 t.push(scan(cpu, base + i as u64 * share, share, scan_passes));
             }
         }
+        "area-in-lazy-memory" => {
+            // Below the areas' blocks, should the workload region end where RAM does.
+            let region = lazy_area_floor(workload.end).saturating_sub(base);
+            let total = scan_bytes.unwrap_or(DEFAULT_SCAN_BYTES).min(region);
+            let share = (total / u64::from(vcpus)) & !0xfff;
+            if share == 0 {
+                return Err(VmmError::Config(format!(
+                    "hostile:{case}: {vcpus} scans do not fit in {total} bytes"
+                )));
+            }
+            // Each vCPU picks its hostile task first (its round robin starts after the
+            // compute task), and its scan waits until every area has moved besides (a
+            // timer tick may preempt the hostile task before it moved).
+            t.extend((0..vcpus).map(|cpu| TaskSpec {
+                kind: TaskKind::Hostile as u32,
+                cpu,
+                arg0: index as u64,
+                ..TaskSpec::default()
+            }));
+            t.extend((0..vcpus).map(|cpu| TaskSpec {
+                flags: SCAN_FILL | SCAN_AFTER_AREAS_MOVED,
+                ..scan(cpu, base + u64::from(cpu) * share, share, scan_passes)
+            }));
+        }
         _ => {
             let cpu = vcpus - 1;
             t.push(TaskSpec {
@@ -133,11 +165,56 @@ mod tests {
                     .filter(|t| t.kind == TaskKind::Scan as u32)
                     .all(|t| t.arg0 >= WORKLOAD_GPA && t.arg0 + t.arg1 <= 64 << 20)
             );
-            if let Some(h) = t.iter().find(|t| t.kind == TaskKind::Hostile as u32) {
-                assert_eq!((h.arg0, h.cpu), (i as u64, 1));
+            let hostile: Vec<_> = t
+                .iter()
+                .filter(|t| t.kind == TaskKind::Hostile as u32)
+                .collect();
+            assert!(hostile.iter().all(|h| h.arg0 == i as u64));
+            if !matches!(*name, "same-page" | "flood" | "area-in-lazy-memory") {
+                assert_eq!(hostile.iter().map(|h| h.cpu).collect::<Vec<_>>(), [1]);
             }
         }
         assert!(table("nope").is_err());
+    }
+
+    /// Every vCPU: a hostile task that its round robin picks first (the one after the
+    /// compute task), and a scan of its own region below the lazy areas.
+    #[test]
+    fn area_in_lazy_memory_moves_every_vcpus_area_before_its_scan_runs() {
+        let ram = 64 << 20;
+        let t = tasks("area-in-lazy-memory", 2, WORKLOAD_GPA..ram, None, 2).unwrap();
+        for cpu in 0..2 {
+            let local: Vec<u32> = t.iter().filter(|t| t.cpu == cpu).map(|t| t.kind).collect();
+            assert_eq!(
+                local,
+                [
+                    TaskKind::Compute as u32,
+                    TaskKind::Hostile as u32,
+                    TaskKind::Scan as u32
+                ]
+            );
+        }
+        let scans: Vec<_> = t.iter().filter(|t| t.kind == 2).collect();
+        assert!(scans.windows(2).all(|w| w[0].arg0 + w[0].arg1 <= w[1].arg0));
+        assert!(
+            scans
+                .iter()
+                .all(|s| s.arg1 > 0 && s.arg0 + s.arg1 <= lazy_area_floor(ram))
+        );
+        assert!(
+            scans
+                .iter()
+                .all(|s| s.flags == SCAN_FILL | SCAN_AFTER_AREAS_MOVED)
+        );
+        let big = tasks(
+            "area-in-lazy-memory",
+            2,
+            WORKLOAD_GPA..ram,
+            Some(1 << 40),
+            1,
+        )
+        .unwrap();
+        assert!(big.iter().all(|s| s.arg0 + s.arg1 <= lazy_area_floor(ram)));
     }
 
     #[test]
