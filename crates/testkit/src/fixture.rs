@@ -138,11 +138,14 @@ pub fn manifest_only(snapshot: &Path, to: &Path) -> PathBuf {
 }
 
 /// Restore options for the tests: `lazy` or not, APF path `apf`, `--fetch-latency latency`,
-/// console not echoed, stopped after [`TIMEOUT`].
+/// console not echoed, stopped after [`TIMEOUT`], and `--apf-policy always`: a test of the
+/// protocol path wants every fault to reach it, whatever the machine's load makes the
+/// adaptive policy measure (crates/vmm/tests/adaptive_policy.rs tests that policy).
 pub fn restore_options(dir: &Path, lazy: bool, apf: ApfPath, latency: &str) -> RestoreOptions {
     let mut o = RestoreOptions::new(dir);
     o.lazy = lazy;
     o.apf = apf;
+    o.apf_policy = vmm::ApfPolicy::Always;
     o.fetch_latency = latency.parse().expect("a valid test latency");
     o.timeout = Some(TIMEOUT);
     o

@@ -15,8 +15,8 @@ use testkit::fixture::TIMEOUT;
 use vmm::report::TaskState;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{
-    ApfMode, ApfPath, HaltMode, RestoreOptions, RunOptions, RunReport, SnapshotPlan, VmConfig,
-    guest_image,
+    ApfMode, ApfPath, ApfPolicy, HaltMode, RestoreOptions, RunOptions, RunReport, SnapshotPlan,
+    VmConfig, guest_image,
 };
 
 const MEM: u64 = 64 << 20;
@@ -223,7 +223,16 @@ fn overlapping_areas_are_accepted_and_the_host_writes_only_the_named_area() {
     for apf in [ApfMode::V1, ApfMode::V2] {
         let r = run_case(apf, "area-overlap");
         let wrote = r.console.contains("the host wrote this vCPU's wake-all");
-        assert_eq!(wrote, apf == ApfMode::V2, "{apf:?}: {}", r.console);
+        if apf == ApfMode::V2 {
+            // The enable's wake-all goes into the area it names, unless that area's token
+            // slot still held the other vCPU's own boot wake-all (a race of the guest's
+            // vCPUs): then it waited, and the engine counted the hold.
+            let busy = r.apf.engine.held.get(HoldReason::TokenSlotBusy);
+            assert!(wrote || busy > 0, "{apf:?}: {}", r.console);
+        } else {
+            // v1 writes the reason word only, never a token slot.
+            assert!(!wrote, "{apf:?}: {}", r.console);
+        }
         let e = &r.apf.enables;
         let area0 = e.iter().find(|e| e.vcpu == 0).unwrap().area_gpa;
         assert!(
@@ -351,9 +360,12 @@ fn snapshot_case(apf: ApfMode, case: &str, out: &Path) {
     .unwrap_or_else(|e| panic!("{case}: snapshot failed: {e}"));
 }
 
+/// Every fault goes to the engine (`--apf-policy always`): these cases test its rules, which
+/// the adaptive policy would bypass for pages that come quickly.
 fn lazy_options(dir: &Path, latency: &str, max_outstanding: Option<usize>) -> RestoreOptions {
     RestoreOptions {
         apf_max_outstanding: max_outstanding,
+        apf_policy: ApfPolicy::Always,
         ..testkit::fixture::restore_options(dir, true, ApfPath::Userspace, latency)
     }
 }
