@@ -143,6 +143,8 @@ pub fn restore(args: &RestoreArgs, sigusr1: Option<Arc<AtomicBool>>) -> anyhow::
     opts.apf_policy = args.apf_policy.into();
     opts.fetch_latency = args.fetch_latency;
     opts.prefetch = args.prefetch;
+    opts.working_set = args.working_set == crate::cli::OnOff::On;
+    opts.record_working_set = args.record_working_set;
     opts.source = SourceOptions {
         nbd: args.memory_source.clone(),
         deadline: args.source_deadline,
