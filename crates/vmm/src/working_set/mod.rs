@@ -20,7 +20,7 @@ pub mod replay;
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use file::{Entry, Touch, WorkingSet, WorkingSetError, snapshot_id};
+pub use file::{Entry, FILE_NAME, Touch, WorkingSet, WorkingSetError, snapshot_id};
 pub use recorder::{RecordSummary, Recorder};
 pub use replay::{Replay, WorkingSetReport, WorkingSetStatus};
 
