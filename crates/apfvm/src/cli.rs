@@ -369,7 +369,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
     pub vcpus: u32,
     /// Modes to compare (comma list).
-    #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL, value_parser = values::mode())]
+    #[arg(long, value_delimiter = ',', default_values_t = Mode::CLASSIC, value_parser = values::mode())]
     pub modes: Vec<Mode>,
     /// The window in which compute work is counted (at most 1m).
     #[arg(long, allow_hyphen_values = true, default_value = "250ms", value_parser = values::window)]
