@@ -40,7 +40,7 @@ use crate::run::observer::RunObserver;
 use crate::run::{self, ApfOptions, Memory, RunOptions, SnapshotPlan};
 use crate::snapshot::format::Snapshot;
 use crate::source::{self, SourceOptions};
-use crate::working_set::{self, Prepared, WorkingSet, WorkingSetReport};
+use crate::working_set::{self, Prepared, WorkingSet, WorkingSetMode, WorkingSetReport};
 
 /// How to restore.
 #[derive(Clone, Debug)]
@@ -70,11 +70,8 @@ pub struct RestoreOptions {
     /// Stop (and leave nothing behind) when this flag is raised (see
     /// [`RunOptions::interrupt`]).
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// Replay the snapshot's working set if it has one (`--working-set on`, the default).
-    pub working_set: bool,
-    /// Serve all of RAM lazily and record the working set into the snapshot directory
-    /// (`--record-working-set`; lazy only).
-    pub record_working_set: bool,
+    /// What a lazy restore does with working sets (`--working-set`, `--record-working-set`).
+    pub working_set: WorkingSetMode,
 }
 
 impl RestoreOptions {
@@ -94,8 +91,7 @@ impl RestoreOptions {
             apf_max_outstanding: None,
             apf_policy: ApfPolicy::default(),
             interrupt: None,
-            working_set: true,
-            record_working_set: false,
+            working_set: WorkingSetMode::Replay,
         }
     }
 }
@@ -156,7 +152,8 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
             "--apf kernel cannot take a new snapshot (KVM owns the APF MSRs then)".into(),
         ));
     }
-    if opts.record_working_set {
+    let record = opts.working_set == WorkingSetMode::Record;
+    if record {
         if !opts.lazy || opts.apf.kvm_owns_msrs() {
             return Err(VmmError::Config(
                 "--record-working-set needs --lazy and the userspace APF path (or --apf off)"
@@ -177,8 +174,8 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
     let ram = empty.ram();
     let prepared = opts.lazy.then(|| {
         let split = split_ram(ram.regions(), true);
-        let record = opts.record_working_set;
-        working_set::prepare(&snap, ram.regions(), record, opts.working_set, split)
+        let replay = opts.working_set == WorkingSetMode::Replay;
+        working_set::prepare(&snap, ram.regions(), record, replay, split)
     });
     let (eager, lazy) = match &prepared {
         Some(p) => (p.eager.clone(), p.lazy.clone()),

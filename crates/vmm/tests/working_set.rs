@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use testkit::fixture::{assert_passed, copy_dir, restore_ok, restore_options, standard_snapshot};
 use vmm::snapshot::Snapshot;
-use vmm::working_set::{FILE_NAME, Touch, WorkingSet, WorkingSetStatus, snapshot_id};
+use vmm::working_set::{
+    FILE_NAME, Touch, WorkingSet, WorkingSetMode, WorkingSetStatus, snapshot_id,
+};
 use vmm::{ApfMode, ApfPath, RestoreOptions, RunReport, VmmError};
 
 const LATENCY: &str = "1ms";
@@ -30,7 +32,7 @@ fn recorded(name: &str) -> (PathBuf, RunReport) {
     let dir = scratch(name).join("snap");
     copy_dir(standard_snapshot(ApfMode::V2), &dir);
     let mut o = opts(&dir);
-    o.record_working_set = true;
+    o.working_set = WorkingSetMode::Record;
     let r = restore_ok(&o);
     assert_passed(&r);
     (dir, r)
@@ -58,7 +60,7 @@ fn a_recorded_working_set_is_replayed_must_have_pages_first_and_faults_mostly_go
 
     // Without it (--working-set off): the fixed low 16 MiB, every scan chunk a fault.
     let mut off = opts(&dir);
-    off.working_set = false;
+    off.working_set = WorkingSetMode::Ignore;
     let base = restore_ok(&off);
     assert_passed(&base);
     assert_eq!(
@@ -177,7 +179,7 @@ fn recording_needs_a_writable_snapshot_directory_and_says_so_before_the_guest_ru
         return;
     };
     let mut o = opts(view.path());
-    o.record_working_set = true;
+    o.working_set = WorkingSetMode::Record;
     let t0 = std::time::Instant::now();
     let e = vmm::restore(&o, &mut vmm::NoObserver).unwrap_err();
     assert!(matches!(e, VmmError::WorkingSet(_)), "{e}");
@@ -191,7 +193,7 @@ fn recording_needs_a_writable_snapshot_directory_and_says_so_before_the_guest_ru
     );
     // Without --lazy a recording is refused too.
     let mut eager = restore_options(&dir, false, ApfPath::Userspace, "0");
-    eager.record_working_set = true;
+    eager.working_set = WorkingSetMode::Record;
     assert!(matches!(
         vmm::restore(&eager, &mut vmm::NoObserver),
         Err(VmmError::Config(_))

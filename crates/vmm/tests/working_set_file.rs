@@ -7,7 +7,7 @@ use vmm::working_set::{Entry, Touch, WorkingSet, WorkingSetError, snapshot_id};
 
 fn memory(mem: u64) -> vmm::snapshot::memory_file::MemoryInfo {
     let mut m = testkit::manifest::example(mem).memory;
-    m.crc32 = (0..m.crc32.len() as u32).collect();
+    m.crc32 = (0..u32::try_from(m.crc32.len()).unwrap()).collect();
     m
 }
 

@@ -74,7 +74,7 @@ impl Snapshots {
         let out = self.take(setup, apf, "-ws")?;
         let mut opts = RestoreOptions::new(&out);
         opts.lazy = true;
-        opts.record_working_set = true;
+        opts.working_set = vmm::working_set::WorkingSetMode::Record;
         opts.timeout = Some(SNAPSHOT_TIMEOUT);
         opts.interrupt = Some(Arc::clone(interrupt::flag()));
         vmm::restore(&opts, &mut vmm::NoObserver)?;

@@ -49,13 +49,17 @@ impl RunReport {
         if let Some(r) = &self.restore {
             let _ = writeln!(
                 s,
-                "   restore: {:?} from {} (APF path {}, memory from {}), set-up {:.1} ms, {:.2} MiB loaded before the first instruction; counters count from the restore",
+                "   restore: {:?} from {} (APF path {}, memory from {}), set-up {:.1} ms, {} loaded before the first instruction; counters count from the restore",
                 r.mode,
                 r.dir,
                 r.apf_path,
                 r.source,
                 ms(r.setup_us),
-                r.eager_bytes as f64 / f64::from(1u32 << 20)
+                if r.eager_bytes % (1 << 20) == 0 {
+                    format!("{} MiB", r.eager_bytes >> 20)
+                } else {
+                    format!("{} KiB", r.eager_bytes >> 10)
+                }
             );
         }
         if let Some(w) = &self.working_set {

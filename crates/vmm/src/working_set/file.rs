@@ -30,6 +30,7 @@ pub const MAGIC: [u8; 8] = *b"APFVMWS\0";
 pub const VERSION: u32 = 1;
 const HEADER: usize = 32;
 const ENTRY: usize = 16;
+const ENTRY_U32: u32 = 16;
 const TRAILER: usize = 4;
 const PAGE: u64 = 4096;
 
@@ -186,7 +187,7 @@ impl WorkingSet {
         let mut b = Vec::with_capacity(HEADER + ENTRY * self.entries.len() + TRAILER);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&(ENTRY as u32).to_le_bytes());
+        b.extend_from_slice(&ENTRY_U32.to_le_bytes());
         b.extend_from_slice(&self.snapshot_id.to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         for e in &self.entries {

@@ -1,6 +1,6 @@
 //! Working sets: record the pages a lazily restored guest touches first
 //! (`restore --lazy --record-working-set`), keep them in the snapshot directory
-//! (`working-set.bin`, [`file`]), and replay them on later lazy restores: the must-have
+//! (`working-set.bin`, [`file`](mod@file)), and replay them on later lazy restores: the must-have
 //! pages before the first instruction, the rest streamed in recorded order ahead of the
 //! guest, APF (or a synchronous fault) for what has not arrived, everything else on demand.
 //!
@@ -25,6 +25,19 @@ pub use recorder::{RecordSummary, Recorder};
 pub use replay::{Replay, WorkingSetReport, WorkingSetStatus};
 
 use crate::snapshot::format::Snapshot;
+
+/// What a lazy restore does with working sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkingSetMode {
+    /// Replay the snapshot's working set if it has one (`--working-set on`, the default).
+    #[default]
+    Replay,
+    /// Ignore it (`--working-set off`).
+    Ignore,
+    /// Serve all of RAM lazily and record one into the snapshot directory
+    /// (`--record-working-set`).
+    Record,
+}
 
 /// What a restore does with working sets, decided before the VM is created.
 #[derive(Debug, Default)]

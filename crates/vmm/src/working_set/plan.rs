@@ -134,7 +134,10 @@ mod tests {
 
     #[test]
     fn a_working_set_without_must_have_pages_loads_nothing_first() {
-        let ram = [0..64 << 20];
+        let ram = vec![Range {
+            start: 0,
+            end: 64 << 20,
+        }];
         let s = split(&ram, 64 << 10, &ws(&[(0x100_0000, Touch::User)]));
         assert!(s.eager.is_empty());
         assert_eq!(s.lazy, ram);

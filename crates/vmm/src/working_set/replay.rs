@@ -131,8 +131,11 @@ mod tests {
     #[test]
     fn faults_are_misses_untouched_resident_pages_hits() {
         let split = Split {
-            eager: vec![0..0x1_0000],
-            lazy: vec![0x1_0000..0x100_0000],
+            eager: vec![std::ops::Range {
+                start: 0,
+                end: 0x1_0000,
+            }],
+            lazy: Vec::new(),
             stream: vec![0x2_0000, 0x3_0000, 0x4_0000],
             pages: 5,
             must_have_pages: 2,
