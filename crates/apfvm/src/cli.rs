@@ -10,8 +10,9 @@ use guest_abi::{HOSTILE_CASES, MAX_CPUS, MAX_TASKS};
 use harness::bench::{Mode, PREFETCH_ALL, Source};
 use harness::qemu_nbd::ServerKind;
 use pager::{FetchLatency, NbdUrl, Prefetch};
-use vmm::{ApfMode, ApfPath, ApfPolicy, HaltMode};
+use vmm::ApfPath;
 
+pub use crate::arg_enums::{ApfArg, HaltArg, OnOff, PolicyArg};
 use crate::status;
 use crate::values::{self, MAX_COMPUTE_MS};
 
@@ -258,6 +259,7 @@ Examples:
   apfvm restore /tmp/snap --lazy --fetch-latency 20ms --json out.json
   apfvm restore /tmp/snap --lazy --apf off --fetch-latency 1ms
   apfvm restore /tmp/snap --lazy --apf kernel --fetch-latency 20ms
+  apfvm restore /tmp/snap --lazy --record-working-set   # then: apfvm restore /tmp/snap --lazy
   apfvm restore /tmp/snap --lazy --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --prefetch fill
   apfvm restore /tmp/snap --lazy --clones 8 --memory-source 'nbd+unix:///mem?socket=/tmp/snap/nbd.sock' --json clones.json",
     status::RUN_HELP
@@ -313,6 +315,16 @@ pub struct RestoreArgs {
     /// 48 tasks (`--workload hostile:flood`, docs/reliability.md).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub apf_max_outstanding: Option<u64>,
+    /// Lazy restores: replay the snapshot's working set (working-set.bin, recorded with
+    /// --record-working-set) if it has one: only its must-have pages before the first
+    /// instruction, the rest streamed in recorded order; off: ignore it.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub working_set: OnOff,
+    /// Serve all of RAM on demand and record the pages the guest touches first, in order,
+    /// into the snapshot directory (working-set.bin; needs --lazy, not --apf kernel; the
+    /// directory must be writable, checked before the guest runs).
+    #[arg(long, requires = "lazy", conflicts_with = "clones")]
+    pub record_working_set: bool,
     /// Run N guests from the snapshot at once (lazy restores), sharing one host page cache:
     /// each chunk fetched once from the memory source and mapped copy-on-write into every
     /// clone (see CLONES).
@@ -357,7 +369,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = clap::value_parser!(u32).range(1..=MAX_CPUS as i64))]
     pub vcpus: u32,
     /// Modes to compare (comma list).
-    #[arg(long, value_delimiter = ',', default_values_t = Mode::ALL, value_parser = values::mode())]
+    #[arg(long, value_delimiter = ',', default_values_t = Mode::CLASSIC, value_parser = values::mode())]
     pub modes: Vec<Mode>,
     /// The window in which compute work is counted (at most 1m).
     #[arg(long, allow_hyphen_values = true, default_value = "250ms", value_parser = values::window)]
@@ -548,63 +560,6 @@ pub struct SoakArgs {
     /// least 1s).
     #[arg(long, default_value = "60", allow_hyphen_values = true, value_parser = values::timeout)]
     pub timeout: Duration,
-}
-
-/// `--apf` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ApfArg {
-    /// Not offered: no CPUID bit; the APF MSRs answer #GP.
-    Off,
-    /// Seed protocol (2010): CPUID bit 4 only; page ready as #PF reason 2.
-    V1,
-    /// Modern protocol: CPUID bits 4 and 14; page ready as an interrupt + ACK.
-    V2,
-}
-
-impl From<ApfArg> for ApfMode {
-    fn from(a: ApfArg) -> ApfMode {
-        match a {
-            ApfArg::Off => ApfMode::Off,
-            ApfArg::V1 => ApfMode::V1,
-            ApfArg::V2 => ApfMode::V2,
-        }
-    }
-}
-
-/// `--apf-policy` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PolicyArg {
-    /// Every fault the protocol allows becomes an APF.
-    Always,
-    /// An APF only when the page is expected later than an APF cycle costs.
-    Adaptive,
-}
-
-impl From<PolicyArg> for ApfPolicy {
-    fn from(a: PolicyArg) -> ApfPolicy {
-        match a {
-            PolicyArg::Always => ApfPolicy::Always,
-            PolicyArg::Adaptive => ApfPolicy::Adaptive,
-        }
-    }
-}
-
-/// `--hlt` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum HaltArg {
-    /// KVM emulates hlt in the kernel (the vCPU sleeps until an interrupt).
-    InKernel,
-    /// KVM_CAP_X86_DISABLE_EXITS(HLT): hlt never leaves the guest (needed by lazy restore).
-    NoExit,
-}
-
-impl From<HaltArg> for HaltMode {
-    fn from(a: HaltArg) -> HaltMode {
-        match a {
-            HaltArg::InKernel => HaltMode::InKernel,
-            HaltArg::NoExit => HaltMode::NoExit,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! included) are printed with their causes and give status 125; `--help` and `--version`
 //! exit 0. The statuses are in [`status`].
 
+mod arg_enums;
 mod cli;
 mod experiments;
 mod output;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use harness::qemu_nbd::ServeCommand;
 use vmm::source::SourceOptions;
+use vmm::working_set::WorkingSetMode;
 use vmm::workload::{self, WorkloadParams};
 use vmm::{RestoreOptions, RunOptions, RunReport, SnapshotPlan, VmConfig, guest_image};
 
@@ -143,6 +144,11 @@ pub fn restore(args: &RestoreArgs, sigusr1: Option<Arc<AtomicBool>>) -> anyhow::
     opts.apf_policy = args.apf_policy.into();
     opts.fetch_latency = args.fetch_latency;
     opts.prefetch = args.prefetch;
+    opts.working_set = match (args.record_working_set, args.working_set) {
+        (true, _) => WorkingSetMode::Record,
+        (false, crate::cli::OnOff::On) => WorkingSetMode::Replay,
+        (false, crate::cli::OnOff::Off) => WorkingSetMode::Ignore,
+    };
     opts.source = SourceOptions {
         nbd: args.memory_source.clone(),
         deadline: args.source_deadline,

@@ -211,7 +211,7 @@ mod tests {
             repeats: 3,
             tasks_per_vcpu: 4,
             vcpus: 1,
-            modes: Mode::ALL.to_vec(),
+            modes: Mode::CLASSIC.to_vec(),
             window: Duration::from_millis(250),
             scan_per_task: 4 << 20,
             progress: false,

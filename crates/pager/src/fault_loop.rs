@@ -33,12 +33,13 @@ use crate::fill::Fill;
 use crate::guests::{Guest, poll_guests};
 use crate::latency::LatencySampler;
 use crate::observer::{FaultEvent, PagerObserver};
-use crate::prefetch::{BATCH_UNITS_INLINE, BATCH_UNITS_THREADS, PREFETCH_DEPTH, Planner, Prefetch};
+use crate::prefetch::{Planner, Prefetch};
 use crate::region::GuestRegion;
 use crate::shared::Shared;
 use crate::source::{PageSource, SourceError};
-use crate::stats::bump;
+use crate::stats::{bump, store_elapsed};
 use crate::uffd::{PAGE_SIZE, PAGE_SIZE_U64, UffdError, UffdEvent};
+use crate::working_set::WorkingSetQueue;
 
 /// A fetch in flight (or fetched, waiting for its deadline).
 struct InFlight {
@@ -90,22 +91,26 @@ impl FaultLoop {
         sampler: LatencySampler,
         retries: u32,
         prefetch: Prefetch,
+        working_set: &[u64],
     ) -> Self {
         let page_count = source.page_count();
+        let unit_pages = source.unit_pages();
         let target_pages = shared
             .regions
             .iter()
             .map(|r| r.end_page().min(page_count).saturating_sub(r.first_page()))
             .sum();
-        let planner = Planner::new(prefetch, &shared.regions);
+        let unit_of = |page, r: &GuestRegion| r.unit_of(unit_pages, page_count, page);
+        let ws = WorkingSetQueue::new(working_set, &shared.regions, unit_of);
+        let planner = Planner::new(prefetch, &shared.regions, ws);
         Self {
             guests,
             fill,
             failure: None,
             shared,
             sampler,
-            unit_pages: source.unit_pages(),
-            page_count: source.page_count(),
+            unit_pages,
+            page_count,
             retries,
             source,
             pool,
@@ -128,7 +133,7 @@ impl FaultLoop {
             // Inline prefetch work that can start now: poll without waiting (a job held in
             // the deadline queue is waited for like any other).
             let busy = !self.pool.has_threads()
-                && self.prefetch_jobs == 0
+                && self.prefetch_jobs < self.planner.limits(false).0
                 && self.planner.pending(self.shared.regions.len());
             let timeout = if busy {
                 Some(Duration::ZERO)
@@ -523,14 +528,16 @@ impl FaultLoop {
                 self.resident_pages += 1;
             }
         }
+        if self.planner.mapped(first) {
+            store_elapsed(&stats.working_set_resident_ns, done_at - self.started);
+        }
         if f.prefetch {
             bump(&stats.prefetched_pages, f.pages);
         }
         if self.resident_pages >= self.target_pages
             && stats.fully_resident_ns.load(Ordering::Relaxed) == 0
         {
-            let t = u64::try_from((done_at - self.started).as_nanos()).unwrap_or(u64::MAX);
-            stats.fully_resident_ns.store(t.max(1), Ordering::Relaxed);
+            store_elapsed(&stats.fully_resident_ns, done_at - self.started);
             tracing::info!(after = ?done_at - self.started, "pager: guest memory fully resident");
         }
         bump(&stats.copy_calls, mapped.calls);
@@ -551,16 +558,9 @@ impl FaultLoop {
 
     /// Submits prefetch jobs while there are free prefetch slots.
     fn pump_prefetch(&mut self) {
-        if self.planner.policy() == Prefetch::None {
-            return;
-        }
         let threads = self.pool.has_threads();
-        let (depth, batch) = if threads {
-            (PREFETCH_DEPTH, BATCH_UNITS_THREADS)
-        } else {
-            (1, BATCH_UNITS_INLINE)
-        };
-        while self.prefetch_jobs < depth {
+        while self.prefetch_jobs < self.planner.limits(threads).0 {
+            let batch = self.planner.limits(threads).1;
             let (unit_pages, page_count) = (self.unit_pages, self.page_count);
             let (shared, inflight, failed) = (&self.shared, &self.inflight, &self.failed);
             let eligible = |ri: usize, region: &GuestRegion, first: u64| {

@@ -52,6 +52,7 @@ mod shared;
 mod source;
 mod stats;
 mod verify;
+mod working_set;
 
 pub use cache::{CacheError, PageCache};
 pub use error::PagerError;
@@ -68,3 +69,4 @@ pub use uffd::{AnonMapping, PAGE_SIZE, Uffd, UffdError, current_thread_id};
 pub use verify::{
     VerifiedSource, VerifyConfigError, chunk_checksum, chunk_checksums, chunk_checksums_from_reader,
 };
+pub use working_set::WORKING_SET_DEPTH;

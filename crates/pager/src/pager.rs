@@ -47,6 +47,10 @@ pub struct PagerConfig {
     pub fetch_retries: u32,
     /// What to fetch besides faulted pages (see [`Prefetch`]).
     pub prefetch: Prefetch,
+    /// A working set to stream before the prefetch policy's pages: guest-physical
+    /// addresses in the order they are wanted (pages outside the regions are skipped).
+    /// Time until its last page is present: [`PagerStats::working_set_resident_ns`].
+    pub working_set: Vec<u64>,
 }
 
 impl Default for PagerConfig {
@@ -57,6 +61,7 @@ impl Default for PagerConfig {
             fetch_threads: None,
             fetch_retries: 1,
             prefetch: Prefetch::None,
+            working_set: Vec::new(),
         }
     }
 }
@@ -275,6 +280,7 @@ impl Pager {
             LatencySampler::new(config.latency, config.seed),
             config.fetch_retries,
             config.prefetch,
+            &config.working_set,
         );
         let thread = std::thread::Builder::new()
             .name("pager".into())

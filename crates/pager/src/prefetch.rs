@@ -20,6 +20,7 @@ use std::ops::Range;
 use std::str::FromStr;
 
 use crate::region::GuestRegion;
+use crate::working_set::{WORKING_SET_DEPTH, WorkingSetQueue};
 
 /// The prefetch policy of a pager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,10 +119,12 @@ impl Readahead {
     }
 }
 
-/// What to prefetch next, per policy: the readahead queue, or the fill cursor.
+/// What to prefetch next: the working set first (in recorded order), then per policy: the
+/// readahead queue, or the fill cursor.
 #[derive(Debug)]
 pub(crate) struct Planner {
     policy: Prefetch,
+    working_set: WorkingSetQueue,
     readahead: Readahead,
     /// Readahead: units queued for prefetch (region, first page).
     queued: VecDeque<(usize, u64)>,
@@ -134,21 +137,34 @@ pub(crate) struct Planner {
 pub(crate) type PrefetchJob = (usize, u64, Vec<(u64, u64)>);
 
 impl Planner {
-    pub fn new(policy: Prefetch, regions: &[GuestRegion]) -> Planner {
+    pub fn new(policy: Prefetch, regions: &[GuestRegion], working_set: WorkingSetQueue) -> Planner {
         Planner {
             policy,
+            working_set,
             readahead: Readahead::new(),
             queued: VecDeque::new(),
             fill_cursor: (0, regions.first().map_or(0, GuestRegion::first_page)),
         }
     }
 
-    pub fn policy(&self) -> Prefetch {
-        self.policy
+    /// Prefetch jobs in flight at once and units per job, fetching on threads or inline:
+    /// the working-set stream keeps [`WORKING_SET_DEPTH`] jobs in flight either way.
+    pub fn limits(&self, threads: bool) -> (usize, u64) {
+        match (threads, self.working_set.is_empty()) {
+            (true, _) => (PREFETCH_DEPTH, BATCH_UNITS_THREADS),
+            (false, true) => (1, BATCH_UNITS_INLINE),
+            (false, false) => (WORKING_SET_DEPTH, BATCH_UNITS_INLINE),
+        }
+    }
+
+    /// The unit at `first` is resident: true when it completed the working set.
+    pub fn mapped(&mut self, first: u64) -> bool {
+        self.working_set.mapped(first)
     }
 
     /// Prefetches no more (a fetch failed for good).
     pub fn stop(&mut self) {
+        self.working_set.stop();
         self.queued.clear();
         self.policy = Prefetch::None;
     }
@@ -181,6 +197,9 @@ impl Planner {
 
     /// True while there is something left to prefetch (of `regions` regions).
     pub fn pending(&self, regions: usize) -> bool {
+        if !self.working_set.is_empty() {
+            return true;
+        }
         match self.policy {
             Prefetch::None => false,
             Prefetch::Readahead => !self.queued.is_empty(),
@@ -198,6 +217,11 @@ impl Planner {
         unit_of: impl Fn(u64, &GuestRegion) -> (u64, u64),
         eligible: impl Fn(usize, &GuestRegion, u64) -> bool,
     ) -> Option<PrefetchJob> {
+        if !self.working_set.is_empty()
+            && let Some(job) = self.working_set.next(batch, regions, &unit_of, &eligible)
+        {
+            return Some(job);
+        }
         let mut units: Vec<(u64, u64)> = Vec::new();
         let mut region_index = 0;
         match self.policy {

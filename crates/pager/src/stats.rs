@@ -132,6 +132,9 @@ pub struct PagerStats {
     /// Time from the pager's start until every page was present (`None`: not yet; with
     /// `--prefetch fill`, "resident at T").
     pub fully_resident_ns: Option<u64>,
+    /// Time from the pager's start until the last page of the working set it was given
+    /// was present (`None`: not yet, or none given).
+    pub working_set_resident_ns: Option<u64>,
     /// Fetches that failed for good (reported through `on_error`).
     pub fetch_errors: u64,
     /// Pages mapped by UFFDIO_COPY (clones: written into the shared page cache).
@@ -166,6 +169,7 @@ pub(crate) struct Stats {
     pub prefetched_pages: AtomicU64,
     pub prefetch_hits: AtomicU64,
     pub fully_resident_ns: AtomicU64,
+    pub working_set_resident_ns: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub pages_copied: AtomicU64,
     pub eexist: AtomicU64,
@@ -196,6 +200,7 @@ impl Stats {
             prefetched_pages: AtomicU64::new(0),
             prefetch_hits: AtomicU64::new(0),
             fully_resident_ns: AtomicU64::new(0),
+            working_set_resident_ns: AtomicU64::new(0),
             fetch_errors: AtomicU64::new(0),
             pages_copied: AtomicU64::new(0),
             eexist: AtomicU64::new(0),
@@ -228,6 +233,7 @@ impl Stats {
             prefetched_pages: g(&self.prefetched_pages),
             prefetch_hits: g(&self.prefetch_hits),
             fully_resident_ns: Some(g(&self.fully_resident_ns)).filter(|&t| t > 0),
+            working_set_resident_ns: Some(g(&self.working_set_resident_ns)).filter(|&t| t > 0),
             fetch_errors: g(&self.fetch_errors),
             pages_copied: g(&self.pages_copied),
             eexist: g(&self.eexist),
@@ -242,4 +248,10 @@ impl Stats {
 
 pub(crate) fn bump(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Stores `d` in nanoseconds (at least 1: 0 means "not yet").
+pub(crate) fn store_elapsed(a: &AtomicU64, d: Duration) {
+    let t = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    a.store(t.max(1), Ordering::Relaxed);
 }

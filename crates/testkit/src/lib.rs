@@ -78,3 +78,61 @@ pub fn scratch(kind: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("create a scratch directory");
     d
 }
+
+/// A read-only view of a directory: a read-only bind mount of it (root, where mounting is
+/// allowed), or the directory itself made read-only (anyone else). Removed when dropped.
+#[derive(Debug)]
+pub struct ReadOnlyView {
+    path: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl ReadOnlyView {
+    /// `dir` seen read-only at `at` (created); `None` when neither way works here.
+    pub fn new(dir: &std::path::Path, at: &std::path::Path) -> Option<ReadOnlyView> {
+        use std::os::unix::fs::PermissionsExt;
+        let run = |args: &[&std::ffi::OsStr]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        std::fs::create_dir_all(at).ok()?;
+        if run(&["--bind".as_ref(), dir.as_os_str(), at.as_os_str()]) {
+            let view = ReadOnlyView {
+                path: at.to_path_buf(),
+                mounted: true,
+            };
+            return run(&["-o".as_ref(), "remount,ro,bind".as_ref(), at.as_os_str()])
+                .then_some(view);
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).ok()?;
+        let view = ReadOnlyView {
+            path: dir.to_path_buf(),
+            mounted: false,
+        };
+        // Root ignores permissions: no read-only view then.
+        std::fs::File::create(dir.join(".probe"))
+            .is_err()
+            .then_some(view)
+    }
+
+    /// Where the read-only directory is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if self.mounted {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.path)
+                .status();
+        } else {
+            let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+}

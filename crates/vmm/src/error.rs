@@ -93,6 +93,9 @@ pub enum VmmError {
     /// Lazily served memory failed while the guest ran.
     #[error("lazy memory: {0}: the VM was stopped rather than given wrong memory")]
     Pager(#[from] pager::PagerError),
+    /// A working set could not be recorded.
+    #[error("working set: {0}")]
+    WorkingSet(#[from] crate::working_set::WorkingSetError),
     /// An OS call (threads, signals) failed.
     #[error("{what}: {err}")]
     Os {

@@ -17,6 +17,7 @@ use pager::{
 
 use crate::error::{Result, VmmError};
 use crate::memory::GuestRam;
+use crate::working_set::{Recorder, Replay, WorkingSetReport};
 
 /// What to serve lazily, and how.
 #[derive(Debug, Clone)]
@@ -29,6 +30,19 @@ pub struct LazyPlan {
     pub latency: FetchLatency,
     /// Prefetch policy.
     pub prefetch: Prefetch,
+    /// A working set: streamed first, recorded, counted.
+    pub working_set: WorkingSetPlan,
+}
+
+/// What the lazy memory does with a working set.
+#[derive(Debug, Clone, Default)]
+pub struct WorkingSetPlan {
+    /// Guest-physical pages streamed ahead of the guest, in this order.
+    pub stream: Vec<u64>,
+    /// Counts hits and misses of a replay.
+    pub replay: Option<Arc<Replay>>,
+    /// Records the pages the guest touches first.
+    pub recorder: Option<Arc<Recorder>>,
 }
 
 /// A clone's lazy memory: `lazy` says what is served (for the report); `pager` is the
@@ -112,6 +126,7 @@ impl LazyMemory {
             &PagerConfig {
                 latency: plan.latency,
                 prefetch: plan.prefetch,
+                working_set: plan.working_set.stream.clone(),
                 ..PagerConfig::default()
             },
         )?;
@@ -159,6 +174,18 @@ impl LazyMemory {
             resident_pages: self.handle().resident_pages(),
             pager: self.handle().stats(),
         }
+    }
+
+    /// True when the page at `gpa` is in memory (always, outside the lazy ranges).
+    pub fn is_resident(&self, gpa: u64) -> bool {
+        self.handle().is_resident(gpa)
+    }
+
+    /// The working-set section of a replay, now.
+    pub fn working_set_report(&self) -> Option<WorkingSetReport> {
+        let replay = self.plan.working_set.replay.as_ref()?;
+        let ns = self.handle().stats().working_set_resident_ns;
+        Some(replay.report(|gpa| self.is_resident(gpa), ns))
     }
 
     /// Reads `buf.len()` bytes of guest memory at `gpa` for a snapshot without faulting

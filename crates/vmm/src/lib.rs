@@ -42,6 +42,7 @@ pub mod restore;
 pub mod run;
 pub mod snapshot;
 pub mod source;
+pub mod working_set;
 pub mod workload;
 
 pub use apf::ApfPolicy;

@@ -10,7 +10,12 @@
 //!          observer)
 //! ```
 //!
-//! Lazy: the low 16 MiB (boot data, counters, the VMM's page tables, the kernel image, its
+//! Lazy with a working set in the snapshot (`working-set.bin`, see [`crate::working_set`]):
+//! only its must-have pages are loaded first, the rest of it is streamed in recorded order,
+//! everything else on demand. `--record-working-set` serves all of RAM on demand and
+//! records one.
+//!
+//! Lazy without one: the low 16 MiB (boot data, counters, the VMM's page tables, the kernel image, its
 //! stacks: everything below `WORKLOAD_GPA`, touched at CPL 0 where a fault cannot become an
 //! APF anyway) is loaded before the first instruction; workload memory, in every RAM region
 //! (below the MMIO hole and above 4 GiB), arrives on demand through userfaultfd: the time to
@@ -28,13 +33,14 @@ use pager::{FetchLatency, PageSource, Prefetch};
 use crate::apf::ApfPolicy;
 use crate::config::ApfPath;
 use crate::error::{Result, VmmError};
-use crate::lazy::LazyPlan;
+use crate::lazy::{LazyPlan, WorkingSetPlan};
 use crate::machine::EmptyMachine;
 use crate::report::{RestoreMode, RestoreReport, RunReport};
 use crate::run::observer::RunObserver;
 use crate::run::{self, ApfOptions, Memory, RunOptions, SnapshotPlan};
 use crate::snapshot::format::Snapshot;
 use crate::source::{self, SourceOptions};
+use crate::working_set::{self, Prepared, WorkingSet, WorkingSetMode, WorkingSetReport};
 
 /// How to restore.
 #[derive(Clone, Debug)]
@@ -64,6 +70,8 @@ pub struct RestoreOptions {
     /// Stop (and leave nothing behind) when this flag is raised (see
     /// [`RunOptions::interrupt`]).
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// What a lazy restore does with working sets (`--working-set`, `--record-working-set`).
+    pub working_set: WorkingSetMode,
 }
 
 impl RestoreOptions {
@@ -83,6 +91,7 @@ impl RestoreOptions {
             apf_max_outstanding: None,
             apf_policy: ApfPolicy::default(),
             interrupt: None,
+            working_set: WorkingSetMode::Replay,
         }
     }
 }
@@ -143,6 +152,17 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
             "--apf kernel cannot take a new snapshot (KVM owns the APF MSRs then)".into(),
         ));
     }
+    let record = opts.working_set == WorkingSetMode::Record;
+    if record {
+        if !opts.lazy || opts.apf.kvm_owns_msrs() {
+            return Err(VmmError::Config(
+                "--record-working-set needs --lazy and the userspace APF path (or --apf off)"
+                    .into(),
+            ));
+        }
+        // Before the guest runs: a recording that cannot be kept is not started.
+        WorkingSet::check_writable(&opts.dir)?;
+    }
     // From an NBD export only the manifest is needed locally.
     let snap = if opts.source.nbd.is_some() {
         Snapshot::open_manifest(&opts.dir)?
@@ -152,7 +172,15 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
     let source = source::open(&snap, &opts.source)?;
     let empty = EmptyMachine::create(&snap, opts.apf)?;
     let ram = empty.ram();
-    let (eager, lazy) = split_ram(ram.regions(), opts.lazy);
+    let prepared = opts.lazy.then(|| {
+        let split = split_ram(ram.regions(), true);
+        let replay = opts.working_set == WorkingSetMode::Replay;
+        working_set::prepare(&snap, ram.regions(), record, replay, split)
+    });
+    let (eager, lazy) = match &prepared {
+        Some(p) => (p.eager.clone(), p.lazy.clone()),
+        None => split_ram(ram.regions(), false),
+    };
     let eager_bytes = eager.iter().map(|r| r.end - r.start).sum();
     load_eager(&*source, &eager, |gpa, bytes| Ok(ram.write(gpa, bytes)?))?;
     let machine = empty.load_state(&snap)?;
@@ -163,6 +191,7 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
             source,
             latency: opts.fetch_latency,
             prefetch: opts.prefetch,
+            working_set: prepared.as_ref().map(plan_of).unwrap_or_default(),
         })
     } else {
         Memory::Resident
@@ -193,7 +222,57 @@ pub fn restore(opts: &RestoreOptions, observer: &mut dyn RunObserver) -> Result<
         eager_bytes,
         source: source_name,
     });
+    if let Some(p) = prepared {
+        report.working_set = Some(finish_working_set(p, &snap, &report)?);
+    }
     Ok(report)
+}
+
+fn plan_of(p: &Prepared) -> WorkingSetPlan {
+    WorkingSetPlan {
+        stream: p.stream.clone(),
+        replay: p.replay.clone(),
+        recorder: p.recorder.clone(),
+    }
+}
+
+/// After the run: a recording is written into the snapshot directory; the working set
+/// recorded or replayed goes into a snapshot this run took (if it fits its memory).
+fn finish_working_set(
+    p: Prepared,
+    snap: &Snapshot,
+    report: &RunReport,
+) -> Result<WorkingSetReport> {
+    let mut out = report.working_set.clone().unwrap_or(p.report);
+    let mut carried = p.replayed;
+    if let Some(rec) = &p.recorder {
+        let ws = rec.working_set(working_set::snapshot_id(&snap.manifest.memory));
+        ws.write(&snap.dir)?;
+        out.recorded = Some(rec.summary());
+        out.pages = ws.entries.len() as u64;
+        out.must_have_pages = ws.entries.iter().filter(|e| e.touch.must_have()).count() as u64;
+        out.note = Some(format!("recorded into {}", snap.dir.display()));
+        carried = Some(ws);
+    }
+    if let (Some(taken), Some(ws)) = (&report.snapshot, carried) {
+        let dir = std::path::Path::new(&taken.dir);
+        // Written only if it passes the new snapshot's checks (its pages in its RAM).
+        let carry = Snapshot::open_manifest(dir)
+            .map_err(VmmError::from)
+            .and_then(|s| {
+                let memory = &s.manifest.memory;
+                let ws = WorkingSet {
+                    snapshot_id: working_set::snapshot_id(memory),
+                    ..ws
+                };
+                WorkingSet::decode(&ws.encode(), memory)?.write(dir)?;
+                Ok(())
+            });
+        if let Err(e) = carry {
+            tracing::warn!("the working set was not carried into {}: {e}", taken.dir);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

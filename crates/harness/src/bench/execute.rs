@@ -72,7 +72,7 @@ pub fn execute(
                         mode,
                         fetch_latency,
                     };
-                    let snap = snapshots.get(*setup, mode.booted())?;
+                    let snap = snapshots.for_mode(*setup, mode)?;
                     for memory in variants.memories_for(fetch_latency, mode) {
                         progress(Progress::Starting(&point, memory));
                         let s = run_point(&snap, &point, memory, urls.get(&snap), plan.window)
@@ -109,7 +109,7 @@ fn take_snapshots(
     let mut urls = HashMap::new();
     for setup in &plan.setups {
         for &mode in &plan.modes {
-            let snap = snapshots.get(*setup, mode.booted())?;
+            let snap = snapshots.for_mode(*setup, mode)?;
             if variants.nbd_for(plan, mode) && !urls.contains_key(&snap) {
                 interrupt::check()?;
                 let url = snapshots.nbd_url(&snap)?;

@@ -32,11 +32,28 @@ pub enum Mode {
     ApfV2,
     /// Lazy, KVM's own in-kernel APF (v2 guest).
     Kernel,
+    /// Lazy with a recorded working set (replayed), userspace APF (v2 guest).
+    #[serde(rename = "apf+ws")]
+    ApfWs,
+    /// Lazy with a recorded working set (replayed), no APF.
+    #[serde(rename = "off+ws")]
+    OffWs,
 }
 
 impl Mode {
     /// Every mode, in table order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
+        Mode::Eager,
+        Mode::Off,
+        Mode::OffHalt,
+        Mode::ApfV1,
+        Mode::ApfV2,
+        Mode::Kernel,
+        Mode::ApfWs,
+        Mode::OffWs,
+    ];
+    /// The modes without a working set (`demo`'s, `soak`'s).
+    pub const CLASSIC: [Mode; 6] = [
         Mode::Eager,
         Mode::Off,
         Mode::OffHalt,
@@ -53,7 +70,9 @@ impl Mode {
         Mode::Kernel,
     ];
     /// The names of [`Mode::ALL`], in order.
-    pub const NAMES: [&'static str; 6] = ["eager", "off", "off-halt", "apf-v1", "apf-v2", "kernel"];
+    pub const NAMES: [&'static str; 8] = [
+        "eager", "off", "off-halt", "apf-v1", "apf-v2", "kernel", "apf+ws", "off+ws",
+    ];
 
     /// Its name in tables, JSON and on the command line.
     pub fn name(self) -> &'static str {
@@ -64,7 +83,14 @@ impl Mode {
             Mode::ApfV1 => "apf-v1",
             Mode::ApfV2 => "apf-v2",
             Mode::Kernel => "kernel",
+            Mode::ApfWs => "apf+ws",
+            Mode::OffWs => "off+ws",
         }
+    }
+
+    /// True for the modes whose snapshot carries a recorded working set (replayed).
+    pub fn working_set(self) -> bool {
+        matches!(self, Mode::ApfWs | Mode::OffWs)
     }
 
     /// The protocol the snapshot's guest is booted with (it picks it from CPUID at boot).
@@ -78,16 +104,16 @@ impl Mode {
 
     /// True for the modes that inject APFs.
     pub fn is_apf(self) -> bool {
-        matches!(self, Mode::ApfV1 | Mode::ApfV2 | Mode::Kernel)
+        matches!(self, Mode::ApfV1 | Mode::ApfV2 | Mode::Kernel | Mode::ApfWs)
     }
 
     /// Whether the restore is lazy, and who turns a missing page into an APF.
     pub fn restore_path(self) -> (bool, ApfPath) {
         match self {
             Mode::Eager => (false, ApfPath::Userspace),
-            Mode::Off => (true, ApfPath::Off),
+            Mode::Off | Mode::OffWs => (true, ApfPath::Off),
             Mode::OffHalt => (true, ApfPath::OffHalt),
-            Mode::ApfV1 | Mode::ApfV2 => (true, ApfPath::Userspace),
+            Mode::ApfV1 | Mode::ApfV2 | Mode::ApfWs => (true, ApfPath::Userspace),
             Mode::Kernel => (true, ApfPath::Kernel),
         }
     }

@@ -18,6 +18,8 @@ fn color(m: Mode) -> RGBColor {
         Mode::ApfV1 => RGBColor(44, 160, 44),
         Mode::ApfV2 => RGBColor(31, 119, 180),
         Mode::Kernel => RGBColor(148, 103, 189),
+        Mode::ApfWs => RGBColor(23, 190, 207),
+        Mode::OffWs => RGBColor(140, 86, 75),
     }
 }
 

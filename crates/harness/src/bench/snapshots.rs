@@ -4,11 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pager::NbdUrl;
-use vmm::{ApfMode, RunOptions, SnapshotPlan};
+use vmm::{ApfMode, RestoreOptions, RunOptions, SnapshotPlan};
 
+use super::mode::Mode;
 use super::setup::Setup;
 use crate::error::{Error, Result};
 use crate::interrupt;
@@ -24,6 +26,9 @@ pub struct Snapshots {
     servers: HashMap<PathBuf, qemu_nbd::Server>,
     dir: tempfile::TempDir,
     made: HashMap<(Setup, ApfMode), PathBuf>,
+    /// Snapshots with a recorded working set (for the `+ws` modes), taken apart from the
+    /// others: a lazy restore of those must not replay one.
+    with_ws: HashMap<(Setup, ApfMode), PathBuf>,
 }
 
 impl Snapshots {
@@ -37,6 +42,7 @@ impl Snapshots {
             servers: HashMap::new(),
             dir,
             made: HashMap::new(),
+            with_ws: HashMap::new(),
         })
     }
 
@@ -50,9 +56,36 @@ impl Snapshots {
         if let Some(p) = self.made.get(&(setup, apf)) {
             return Ok(p.clone());
         }
+        let out = self.take(setup, apf, "")?;
+        self.made.insert((setup, apf), out.clone());
+        Ok(out)
+    }
+
+    /// The snapshot `mode` restores for `setup`: for a `+ws` mode, one with a working set
+    /// recorded by a lazy restore of it (memory file, no added latency), made on first use.
+    pub fn for_mode(&mut self, setup: Setup, mode: Mode) -> Result<PathBuf> {
+        let apf = mode.booted();
+        if !mode.working_set() {
+            return self.get(setup, apf);
+        }
+        if let Some(p) = self.with_ws.get(&(setup, apf)) {
+            return Ok(p.clone());
+        }
+        let out = self.take(setup, apf, "-ws")?;
+        let mut opts = RestoreOptions::new(&out);
+        opts.lazy = true;
+        opts.working_set = vmm::working_set::WorkingSetMode::Record;
+        opts.timeout = Some(SNAPSHOT_TIMEOUT);
+        opts.interrupt = Some(Arc::clone(interrupt::flag()));
+        vmm::restore(&opts, &mut vmm::NoObserver)?;
+        self.with_ws.insert((setup, apf), out.clone());
+        Ok(out)
+    }
+
+    fn take(&mut self, setup: Setup, apf: ApfMode, suffix: &str) -> Result<PathBuf> {
         interrupt::check()?;
         let out = self.dir.path().join(format!(
-            "snap-{}-{}vcpu-{}tpv-{}k-{apf:?}",
+            "snap-{}-{}vcpu-{}tpv-{}k-{apf:?}{suffix}",
             setup.shape.name(),
             setup.vcpus,
             setup.tasks_per_vcpu,
@@ -69,7 +102,6 @@ impl Snapshots {
             ..RunOptions::default()
         };
         vmm::boot_and_run(&setup.config(apf)?, &opts)?;
-        self.made.insert((setup, apf), out.clone());
         Ok(out)
     }
 

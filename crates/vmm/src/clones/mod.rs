@@ -195,6 +195,7 @@ fn shared_cache(
         })
     })?;
     let lazy = LazyPlan {
+        working_set: crate::lazy::WorkingSetPlan::default(),
         ranges: lazy,
         source: Arc::clone(source),
         latency: r.fetch_latency,

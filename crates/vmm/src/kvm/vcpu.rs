@@ -191,6 +191,15 @@ impl Vcpu {
         self.fd.get_regs().ok().map(|r| r.rip)
     }
 
+    /// The current privilege level (CS.DPL).
+    pub fn cpl(&self) -> Result<u8> {
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(VmmError::kvm("KVM_GET_SREGS"))?;
+        Ok(sregs.cs.dpl)
+    }
+
     /// The vCPU state the APF engine decides on (the area words are left 0: the caller
     /// reads them from guest memory).
     pub fn cpu_state(&self) -> Result<VcpuState> {

@@ -180,6 +180,8 @@ pub struct RunReport {
     pub snapshot: Option<SnapshotReport>,
     /// Set for `apfvm restore`.
     pub restore: Option<RestoreReport>,
+    /// A lazy restore's working set: replayed, recorded, ignored, off.
+    pub working_set: Option<crate::working_set::WorkingSetReport>,
 }
 
 /// The checksum a completed fill scan must report.

@@ -49,13 +49,33 @@ impl RunReport {
         if let Some(r) = &self.restore {
             let _ = writeln!(
                 s,
-                "   restore: {:?} from {} (APF path {}, memory from {}), set-up {:.1} ms, {} MiB loaded before the first instruction; counters count from the restore",
+                "   restore: {:?} from {} (APF path {}, memory from {}), set-up {:.1} ms, {} loaded before the first instruction; counters count from the restore",
                 r.mode,
                 r.dir,
                 r.apf_path,
                 r.source,
                 ms(r.setup_us),
-                r.eager_bytes >> 20
+                if r.eager_bytes % (1 << 20) == 0 {
+                    format!("{} MiB", r.eager_bytes >> 20)
+                } else {
+                    format!("{} KiB", r.eager_bytes >> 10)
+                }
+            );
+        }
+        if let Some(w) = &self.working_set {
+            let _ = writeln!(
+                s,
+                "   working set: {:?}, {} pages ({} before the first instruction), hits {}, misses {} ({} outside it, {} not arrived yet), resident at {}{}",
+                w.status,
+                w.pages,
+                w.must_have_pages,
+                w.hits,
+                w.misses,
+                w.misses_outside,
+                w.misses_early,
+                w.resident_us
+                    .map_or("-".into(), |us| format!("{:.1} ms", ms(us))),
+                w.note.as_ref().map_or(String::new(), |n| format!("; {n}")),
             );
         }
         if let Some(l) = &self.lazy {

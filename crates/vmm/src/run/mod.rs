@@ -126,12 +126,17 @@ fn shared_state(
     if let Some(saved) = apf_state {
         apf.restore(saved)?;
     }
-    Ok(Shared::new(
+    let mut shared = Shared::new(
         kickers,
         apf,
         Console::new(opts.echo_console),
         opts.snapshot.as_ref().is_some_and(|p| p.on_guest_request),
-    ))
+    );
+    if let Memory::Lazy(plan) = memory {
+        shared.recorder.clone_from(&plan.working_set.recorder);
+        shared.replay.clone_from(&plan.working_set.replay);
+    }
+    Ok(shared)
 }
 
 /// The run's failure, if it ended in one: a failure outside the vCPU threads (the pager)
@@ -249,6 +254,7 @@ impl Session {
         let counters: Counters = self.vm.ram().read_obj(COUNTERS_GPA)?;
         let (tasks, cpus) =
             report::guest_view(&self.cfg, &counters, self.baseline.as_ref(), self.tsc_khz);
+        let working_set = self.lazy.as_ref().and_then(LazyMemory::working_set_report);
         let lazy = self.lazy.map(|l| {
             let report = l.report();
             l.stop();
@@ -271,6 +277,7 @@ impl Session {
             console: self.shared.console.text(),
             snapshot: None,
             restore: None,
+            working_set,
         })
     }
 }

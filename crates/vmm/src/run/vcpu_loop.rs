@@ -2,7 +2,7 @@
 //! carry out the answer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use pager::{FaultEvent, PagerError, PagerObserver};
@@ -14,6 +14,7 @@ use crate::exit::{Exit, ExitAction, ExitContext, GuestFault, MsrRefused, handle_
 use crate::kick::{KickTarget, Kicker};
 use crate::kvm::vcpu::Vcpu;
 use crate::report::VcpuStats;
+use crate::working_set::{Recorder, Replay};
 
 /// What every vCPU thread shares.
 #[derive(Debug)]
@@ -36,6 +37,10 @@ pub struct Shared {
     pub apf: ApfService,
     /// The guest console.
     pub console: Console,
+    /// Records the working set (`--record-working-set`).
+    pub recorder: Option<Arc<Recorder>>,
+    /// Counts a working set's hits and misses.
+    pub replay: Option<Arc<Replay>>,
 }
 
 impl Shared {
@@ -55,6 +60,8 @@ impl Shared {
             kickers,
             apf,
             console,
+            recorder: None,
+            replay: None,
         }
     }
 
@@ -116,11 +123,25 @@ impl Shared {
 /// its failures to the run (which stops).
 impl PagerObserver for Shared {
     fn on_fault(&self, e: &FaultEvent) {
+        if let Some(r) = &self.replay {
+            r.on_fault(e.gpa, e.duplicate);
+        }
+        if let Some(v) = self
+            .recorder
+            .as_ref()
+            .and_then(|r| r.on_fault(e.thread_id, e.gpa, e.at, e.duplicate))
+        {
+            // Out of KVM_RUN while it waits for the page: its CPL is the access's.
+            self.kickers[v].kick();
+        }
         self.apf
             .fault_reported(e.thread_id, e.gpa, e.at, e.duplicate);
     }
 
     fn on_page_ready(&self, gpa: u64, at: Instant) {
+        if let Some(r) = &self.recorder {
+            r.on_page_ready(gpa);
+        }
         self.apf.page_mapped(gpa, at);
     }
 
@@ -179,9 +200,11 @@ pub fn run_vcpu(mut vcpu: Vcpu, shared: &Shared) -> (VcpuEnd, VcpuStats, Vcpu) {
     // SAFETY: `vcpu` (and so its kvm_run mapping) lives until `target` is dropped, on this
     // thread, before the vCPU is handed back.
     let target = unsafe { KickTarget::register(kicker, vcpu.immediate_exit_ptr()) };
-    shared
-        .apf
-        .vcpu_thread(index as usize, u32::try_from(kicker.tid()).unwrap_or(0));
+    let tid = u32::try_from(kicker.tid()).unwrap_or(0);
+    shared.apf.vcpu_thread(index as usize, tid);
+    if let Some(r) = &shared.recorder {
+        r.vcpu_started(index as usize, tid, vcpu.cpl().unwrap_or(0));
+    }
     let mut stats = VcpuStats {
         index,
         ..VcpuStats::default()
@@ -243,6 +266,11 @@ fn run_loop(
             Err(e) => return VcpuEnd::Error(e),
         };
         stats.exits += 1;
+        if let Some(r) = &shared.recorder
+            && r.wants_cpl(vcpu.index() as usize)
+        {
+            r.exit_at(vcpu.index() as usize, vcpu.cpl().unwrap_or(0));
+        }
         match &exit {
             Exit::Interrupted => {
                 stats.interrupted += 1;
