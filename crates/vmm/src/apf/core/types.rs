@@ -32,8 +32,10 @@ pub struct PendingFault {
     pub at: Instant,
 }
 
-/// What a vCPU thread must do after [`Driver::entry`]: the engine's actions for this vCPU,
-/// in order, and when it must come back.
+/// What a vCPU thread must do after [`Driver::entry`]: the engine's actions for this vCPU, in
+/// order, and when it must come back.
+///
+/// [`Driver::entry`]: super::Driver::entry
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// Area writes, the #PF to inject (at most one), the interrupt to raise.
@@ -49,6 +51,8 @@ pub enum Wake {
     Kick(usize),
     /// Deliver it from the reporting thread ([`Driver::deliver_now`]) after reading the token
     /// slot of the area at `area` (resident: reading it cannot fault).
+    ///
+    /// [`Driver::deliver_now`]: super::Driver::deliver_now
     Deliver {
         /// The vCPU.
         vcpu: usize,
