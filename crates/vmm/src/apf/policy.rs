@@ -29,24 +29,38 @@ pub enum ApfPolicy {
     Adaptive,
 }
 
-/// A running average of durations (exponentially weighted, weight 1/8 for a new sample).
+/// A running average of durations: the plain mean of the first 8 samples (so that one slow
+/// first sample does not dominate), then exponentially weighted, 1/8 for a new sample.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Average(Option<Duration>);
+pub struct Average {
+    avg: Option<Duration>,
+    samples: u32,
+}
 
 impl Average {
     /// Takes in a sample.
     pub fn add(&mut self, sample: Duration) {
-        self.0 = Some(match self.0 {
+        self.samples = self.samples.saturating_add(1);
+        let weight = self.samples.min(8);
+        self.avg = Some(match self.avg {
             None => sample,
-            Some(avg) => (avg * 7 + sample) / 8,
+            Some(avg) => (avg * (weight - 1) + sample) / weight,
         });
     }
 
     /// The average, once there is one.
     pub fn get(self) -> Option<Duration> {
-        self.0
+        self.avg
+    }
+
+    /// Samples taken in.
+    pub fn samples(self) -> u32 {
+        self.samples
     }
 }
+
+/// Samples of each part of a vCPU's APF cycle before the policy trusts it.
+const TRUSTED_SAMPLES: u32 = 3;
 
 /// Sample one injection in this many with an interrupt window (after the first ones): each
 /// sample costs an exit.
@@ -82,6 +96,15 @@ struct VcpuCosts {
 impl VcpuCosts {
     fn cycle(&self) -> Option<Duration> {
         Some(self.inject.get()? + self.handler.get()? + self.ready.get()?)
+    }
+
+    /// The cycle, once each part has been measured [`TRUSTED_SAMPLES`] times.
+    fn trusted_cycle(&self) -> Option<Duration> {
+        [self.inject, self.handler, self.ready]
+            .iter()
+            .all(|a| a.samples() >= TRUSTED_SAMPLES)
+            .then(|| self.cycle())
+            .flatten()
     }
 }
 
@@ -137,7 +160,7 @@ impl Policy {
         let Some(v) = self.vcpus.get_mut(vcpu) else {
             return Choice::Apf;
         };
-        let (Some(fetch), Some(cycle)) = (fetch, v.cycle()) else {
+        let (Some(fetch), Some(cycle)) = (fetch, v.trusted_cycle()) else {
             return Choice::Apf;
         };
         let remaining = fetch.saturating_sub(age);
@@ -285,13 +308,18 @@ mod tests {
     fn measured(mode: ApfPolicy) -> (Policy, Instant) {
         let mut p = Policy::new(mode, 2);
         let t = Instant::now();
-        assert!(
-            p.injected(0, t, t + us(100)),
-            "the first injections are sampled"
-        );
-        p.injectable(0, t + us(300));
-        assert!(p.ready_out(0, t + us(1000)));
-        p.acked(0, t + us(1100));
+        // Three cycles: the policy trusts a cycle measured TRUSTED_SAMPLES times.
+        for i in 0..u64::from(TRUSTED_SAMPLES) {
+            let t = t + us(2000 * i);
+            let sampled = p.injected(0, t, t + us(100));
+            assert!(
+                sampled || mode == ApfPolicy::Always,
+                "the first injections are sampled"
+            );
+            p.injectable(0, t + us(300));
+            p.ready_out(0, t + us(1000));
+            p.acked(0, t + us(1100));
+        }
         (p, t)
     }
 
@@ -386,6 +414,32 @@ mod tests {
             .map(|_| p.choose(0, Duration::ZERO))
             .collect();
         assert_eq!(again[EXPLORE_PERIOD as usize], Choice::Apf);
+    }
+
+    #[test]
+    fn one_slow_first_sample_does_not_decide_and_the_first_cycles_are_apfs() {
+        let mut p = Policy::new(ApfPolicy::Adaptive, 1);
+        let t = Instant::now();
+        p.fetched(us(50));
+        // A first injection 5 ms late (a loaded host), then two of 100 µs.
+        for (i, late) in [5000, 100, 100].into_iter().enumerate() {
+            assert_eq!(
+                p.choose(0, Duration::ZERO),
+                Choice::Apf,
+                "cycle {i} not trusted yet"
+            );
+            let t = t + us(10_000 * i as u64);
+            p.injected(0, t, t + us(late));
+            p.injectable(0, t + us(late + 200));
+            p.ready_out(0, t + us(late + 300));
+            p.acked(0, t + us(late + 400));
+        }
+        // The mean of the three, not the first one: (5000 + 100 + 100) / 3 + 200 + 100.
+        assert_eq!(
+            p.cycle(0),
+            Some(us(1733) + us(300) + Duration::from_nanos(333))
+        );
+        assert!(matches!(p.choose(0, Duration::ZERO), Choice::Wait { .. }));
     }
 
     #[test]

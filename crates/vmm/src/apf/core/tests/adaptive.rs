@@ -3,37 +3,46 @@
 
 use super::*;
 
-/// A v2 vCPU 0 that has gone through one full, sampled APF cycle: fault message at 1000 µs,
-/// injected at 1100 (inject 100), handler done at 1300 (200), page mapped at 1500 (fetch
-/// 500) and its page-ready delivered from the pager thread, ACKed at 1600 (ready 100).
+/// A v2 vCPU 0 that has gone through three full, sampled APF cycles (the policy trusts a
+/// cycle measured three times), each: fault message at T, injected at T + 100 µs (inject
+/// 100), handler done at T + 300 (200), page mapped at T + 500 (fetch 500) and its
+/// page-ready delivered from the pager thread, ACKed at T + 600 (ready 100).
 fn measured_v2() -> Driver {
     let mut d = v2_with(ApfPolicy::Adaptive, 1);
-    assert_eq!(d.fault_reported(tid(0), PAGE, t(1000), false), Some(0));
-    let e = d.entry(0, VcpuState::USER, true, t(1100));
-    assert!(injected(&e).is_some(), "{e:?}");
-    assert_eq!(
-        e.again,
-        Again::WhenInjectable,
-        "a sampled injection asks for the end of its handler"
-    );
-    let handler = VcpuState {
-        interrupts_enabled: false,
-        cpl: 0,
-        ..VcpuState::USER
-    };
-    // An exit inside the handler (interrupts off) does not end the sample.
-    d.entry(0, handler, true, t(1200));
-    d.entry(0, VcpuState::USER, true, t(1300));
-    let wakes = d.page_mapped(PAGE, t(1500));
-    assert_eq!(
-        wakes,
-        vec![Wake::Deliver {
-            vcpu: 0,
-            area: area(0)
-        }]
-    );
-    assert!(d.deliver_now(0, 0, t(1500)).is_some());
-    d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, t(1600)).unwrap();
+    for (i, page) in [PAGE, PAGE + 0x1000, PAGE + 0x2000].into_iter().enumerate() {
+        let base = 1000 + 1000 * i as u64;
+        let at = |us: u64| t(base + us);
+        assert_eq!(
+            d.fault_reported(tid(0), page, at(0), false),
+            Some(0),
+            "cycle {i}"
+        );
+        let e = d.entry(0, VcpuState::USER, true, at(100));
+        assert!(injected(&e).is_some(), "{e:?}");
+        assert_eq!(
+            e.again,
+            Again::WhenInjectable,
+            "a sampled injection asks for the end of its handler"
+        );
+        let handler = VcpuState {
+            interrupts_enabled: false,
+            cpl: 0,
+            ..VcpuState::USER
+        };
+        // An exit inside the handler (interrupts off) does not end the sample.
+        d.entry(0, handler, true, at(200));
+        d.entry(0, VcpuState::USER, true, at(300));
+        let wakes = d.page_mapped(page, at(500));
+        assert_eq!(
+            wakes,
+            vec![Wake::Deliver {
+                vcpu: 0,
+                area: area(0)
+            }]
+        );
+        assert!(d.deliver_now(0, 0, at(500)).is_some());
+        d.msr_write(0, MSR_KVM_ASYNC_PF_ACK, 1, at(600)).unwrap();
+    }
     let p = d.report().policy;
     assert_eq!(p.vcpus[0].cycle_us, Some(400.0), "{p:?}");
     assert_eq!(p.fetch_us, Some(500.0));
