@@ -218,11 +218,8 @@ impl Engine {
         gpa: u64,
         state: VcpuState,
     ) -> Result<FaultOutcome, Error> {
-        self.check_vcpu(vcpu)?;
-        counters::bump(&mut self.counters.faults);
-        if self.arrived.contains(gpa) {
-            counters::bump(&mut self.counters.faults_on_arrived);
-            return Ok(FaultOutcome::AlreadyPresent);
+        if let Some(present) = self.count_fault(vcpu, gpa)? {
+            return Ok(present);
         }
         if let Err(reason) = self.may_inject_not_present(vcpu, &state) {
             self.counters.fallback.record(reason);
@@ -281,14 +278,23 @@ impl Engine {
         gpa: u64,
         reason: FallbackReason,
     ) -> Result<FaultOutcome, Error> {
+        if let Some(present) = self.count_fault(vcpu, gpa)? {
+            return Ok(present);
+        }
+        self.counters.fallback.record(reason);
+        Ok(FaultOutcome::Sync(reason))
+    }
+
+    /// Counts a fault of `vcpu` on `gpa`'s frame; `Some(AlreadyPresent)` when that frame has
+    /// arrived (the fault is answered), `None` when it is still missing.
+    fn count_fault(&mut self, vcpu: usize, gpa: u64) -> Result<Option<FaultOutcome>, Error> {
         self.check_vcpu(vcpu)?;
         counters::bump(&mut self.counters.faults);
         if self.arrived.contains(gpa) {
             counters::bump(&mut self.counters.faults_on_arrived);
-            return Ok(FaultOutcome::AlreadyPresent);
+            return Ok(Some(FaultOutcome::AlreadyPresent));
         }
-        self.counters.fallback.record(reason);
-        Ok(FaultOutcome::Sync(reason))
+        Ok(None)
     }
 
     /// Every rule that forbids "page not present" now, checked in [`FallbackReason::ALL`]
