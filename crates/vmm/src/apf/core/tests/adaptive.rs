@@ -100,37 +100,22 @@ fn a_fetch_faster_than_an_apf_cycle_waits_and_is_counted_as_short_wait() {
 
 #[test]
 fn the_age_of_the_fetch_in_flight_counts() {
-    let mut d = measured_v2();
-    for i in 0..32 {
-        fetch(
-            &mut d,
-            OTHER + 0x10_0000 + i * 0x1000,
-            3000 + i * 2000,
-            1000,
-        );
-    }
-    // Another thread started this page's fetch: 1000 µs expected, 400 µs cycle.
-    assert_eq!(d.fault_reported(1, OTHER, t(100_000), false), None);
-    assert_eq!(
-        d.fault_reported(tid(0), OTHER, t(100_100), true),
-        Some(0),
-        "900 µs left: APF"
-    );
-    let mut d = measured_v2();
-    for i in 0..32 {
-        fetch(
-            &mut d,
-            OTHER + 0x10_0000 + i * 0x1000,
-            3000 + i * 2000,
-            1000,
-        );
-    }
-    assert_eq!(d.fault_reported(1, OTHER, t(100_000), false), None);
-    assert_eq!(
-        d.fault_reported(tid(0), OTHER, t(100_700), true),
-        None,
-        "300 µs left: wait"
-    );
+    // Fetches of 1000 µs, a 400 µs cycle; another thread started OTHER's fetch at 100 ms.
+    let faulted_at = |us: u64| {
+        let mut d = measured_v2();
+        for i in 0..32 {
+            fetch(
+                &mut d,
+                OTHER + 0x10_0000 + i * 0x1000,
+                3000 + i * 2000,
+                1000,
+            );
+        }
+        assert_eq!(d.fault_reported(1, OTHER, t(100_000), false), None);
+        d.fault_reported(tid(0), OTHER, t(100_000 + us), true)
+    };
+    assert_eq!(faulted_at(100), Some(0), "900 µs left: APF");
+    assert_eq!(faulted_at(700), None, "300 µs left: wait");
 }
 
 #[test]
