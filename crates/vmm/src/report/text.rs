@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::{RunReport, TaskState, exit_status_name};
 use crate::lazy::LazyReport;
+use crate::working_set::WorkingSetStatus;
 
 fn ms(us: u64) -> f64 {
     std::time::Duration::from_micros(us).as_secs_f64() * 1000.0
@@ -62,7 +63,14 @@ impl RunReport {
                 }
             );
         }
-        if let Some(w) = &self.working_set {
+        if let Some(w) = &self.working_set
+            && w.status == WorkingSetStatus::None
+        {
+            let _ = writeln!(
+                s,
+                "   working set: none in the snapshot (record one with --record-working-set)"
+            );
+        } else if let Some(w) = &self.working_set {
             let _ = writeln!(
                 s,
                 "   working set: {:?}, {} pages ({} before the first instruction), hits {}, misses {} ({} outside it, {} not arrived yet), resident at {}{}",
