@@ -72,6 +72,28 @@ fn access(op: &'static str, gpa: u64, len: usize, e: &impl std::fmt::Display) ->
     }
 }
 
+/// Marks every mapping of `mem` `MADV_DONTFORK`, as VMMs do with guest RAM: a child the VMM
+/// starts (an NBD server, say) never inherits it, and the kernel never merges it with a
+/// neighbouring mapping of this process, so its own accounts (`/proc/self/smaps`, read by
+/// [`crate::host_memory`]) describe guest RAM alone.
+fn keep_apart(mem: &GuestMemoryMmap) -> std::result::Result<(), String> {
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| e.to_string())?;
+        let len = usize::try_from(region.len()).map_err(|e| e.to_string())?;
+        // SAFETY: `[host, host + len)` is exactly one live mapping owned by `mem`;
+        // MADV_DONTFORK changes how fork treats it, never its contents.
+        if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTFORK) } != 0 {
+            return Err(format!(
+                "madvise(MADV_DONTFORK): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Guest RAM: one or more regions of guest-physical memory, in address order.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -96,6 +118,7 @@ impl GuestRam {
             })
             .collect::<Result<Vec<_>>>()?;
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map(e.to_string()))?;
+        keep_apart(&mem).map_err(map)?;
         Ok(GuestRam {
             mem,
             regions: regions.to_vec(),
@@ -136,6 +159,7 @@ impl GuestRam {
             })
             .collect::<Result<Vec<_>>>()?;
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| map(e.to_string()))?;
+        keep_apart(&mem).map_err(map)?;
         Ok(GuestRam {
             mem,
             regions: regions.to_vec(),
