@@ -12,9 +12,11 @@
 //!   window after some injections), and page-ready handed out → the guest done with it (v2:
 //!   its ACK; v1: interrupts on again).
 //!
-//! Until a quantity has been measured, the policy takes the APF (the protocol's own
-//! behaviour), which is also what gives it the measurements. Nothing here is tuned to a
-//! workload: the only numbers are the averaging weight and the sampling period.
+//! Until both have been measured (the cycle three times), the policy takes the APF (the
+//! protocol's own behaviour), which is also what gives it the measurements; after a run of
+//! waits it takes one APF to measure the cycle again. Nothing here is tuned to a workload:
+//! the only numbers are the averaging weights, the sampling and probing periods and the
+//! three samples.
 
 use std::time::{Duration, Instant};
 
