@@ -227,23 +227,7 @@ impl Planner {
         match self.policy {
             Prefetch::None => return None,
             Prefetch::Readahead => {
-                while let Some(&(ri, p)) = self.queued.front() {
-                    let region = regions[ri];
-                    let (first, pages) = unit_of(p, &region);
-                    let contiguous = units
-                        .last()
-                        .is_none_or(|&(f, n)| ri == region_index && f + n == first);
-                    if !contiguous || units.len() as u64 >= batch {
-                        break;
-                    }
-                    self.queued.pop_front();
-                    if eligible(ri, &region, first) {
-                        region_index = ri;
-                        units.push((first, pages));
-                    } else if !units.is_empty() {
-                        break;
-                    }
-                }
+                return take_run(&mut self.queued, batch, regions, &unit_of, &eligible, true);
             }
             Prefetch::Fill => {
                 while let Some(region) = regions.get(self.fill_cursor.0).copied() {
@@ -276,6 +260,42 @@ impl Planner {
         let first = units.first()?.0;
         Some((region_index, first, units))
     }
+}
+
+/// A job from the front of `queue`: up to `batch` units, consecutive in one region, each
+/// accepted by `eligible` (not present, not in flight, never failed). Units taken are
+/// dropped from the queue, eligible or not; with `stop_at_gap` an ineligible unit after an
+/// eligible one ends the job (readahead keeps a job one sequential run), without it the run
+/// goes on past it (a working set's order has holes where pages already came).
+pub(crate) fn take_run(
+    queue: &mut VecDeque<(usize, u64)>,
+    batch: u64,
+    regions: &[GuestRegion],
+    unit_of: impl Fn(u64, &GuestRegion) -> (u64, u64),
+    eligible: impl Fn(usize, &GuestRegion, u64) -> bool,
+    stop_at_gap: bool,
+) -> Option<PrefetchJob> {
+    let mut units: Vec<(u64, u64)> = Vec::new();
+    let mut region_index = 0;
+    while let Some(&(ri, p)) = queue.front() {
+        let region = regions[ri];
+        let (first, pages) = unit_of(p, &region);
+        let contiguous = units
+            .last()
+            .is_none_or(|&(f, n)| ri == region_index && f + n == first);
+        if !contiguous || units.len() as u64 >= batch {
+            break;
+        }
+        queue.pop_front();
+        if eligible(ri, &region, first) {
+            region_index = ri;
+            units.push((first, pages));
+        } else if stop_at_gap && !units.is_empty() {
+            break;
+        }
+    }
+    let first = units.first()?.0;
+    Some((region_index, first, units))
 }
 
 #[cfg(test)]

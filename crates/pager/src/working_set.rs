@@ -11,7 +11,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use crate::prefetch::PrefetchJob;
+use crate::prefetch::{PrefetchJob, take_run};
 use crate::region::GuestRegion;
 use crate::uffd::PAGE_SIZE_U64;
 
@@ -71,25 +71,7 @@ impl WorkingSetQueue {
         unit_of: impl Fn(u64, &GuestRegion) -> (u64, u64),
         eligible: impl Fn(usize, &GuestRegion, u64) -> bool,
     ) -> Option<PrefetchJob> {
-        let mut units: Vec<(u64, u64)> = Vec::new();
-        let mut region_index = 0;
-        while let Some(&(ri, p)) = self.queue.front() {
-            let region = regions[ri];
-            let (first, pages) = unit_of(p, &region);
-            let contiguous = units
-                .last()
-                .is_none_or(|&(f, n)| ri == region_index && f + n == first);
-            if !contiguous || units.len() as u64 >= batch {
-                break;
-            }
-            self.queue.pop_front();
-            if eligible(ri, &region, first) {
-                region_index = ri;
-                units.push((first, pages));
-            }
-        }
-        let first = units.first()?.0;
-        Some((region_index, first, units))
+        take_run(&mut self.queue, batch, regions, unit_of, eligible, false)
     }
 
     /// The unit at `first` is resident now. True exactly once: when it was the set's last.
