@@ -125,17 +125,31 @@ impl fmt::Display for Mode {
     }
 }
 
+impl UnknownName {
+    /// The one of `all` whose `name` is `value` (surrounding blanks ignored); the error
+    /// names `what` and lists `expected`.
+    fn find<T: Copy>(
+        all: &[T],
+        name: fn(T) -> &'static str,
+        value: &str,
+        what: &'static str,
+        expected: &'static [&'static str],
+    ) -> Result<T, UnknownName> {
+        all.iter()
+            .copied()
+            .find(|&t| name(t) == value.trim())
+            .ok_or_else(|| UnknownName {
+                what,
+                value: value.to_string(),
+                expected,
+            })
+    }
+}
+
 impl FromStr for Mode {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Mode, UnknownName> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == s.trim())
-            .ok_or_else(|| UnknownName {
-                what: "mode",
-                value: s.to_string(),
-                expected: &Mode::NAMES,
-            })
+        UnknownName::find(&Mode::ALL, Mode::name, s, "mode", &Mode::NAMES)
     }
 }
 
@@ -173,14 +187,13 @@ impl fmt::Display for Source {
 impl FromStr for Source {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Source, UnknownName> {
-        Source::ALL
-            .into_iter()
-            .find(|m| m.name() == s.trim())
-            .ok_or_else(|| UnknownName {
-                what: "memory source",
-                value: s.to_string(),
-                expected: &Source::NAMES,
-            })
+        UnknownName::find(
+            &Source::ALL,
+            Source::name,
+            s,
+            "memory source",
+            &Source::NAMES,
+        )
     }
 }
 
